@@ -1,0 +1,217 @@
+"""DDPM and DDIM samplers built on `latentdiff.diffusion`, exposed through diffusers' scheduler contract.
+
+They take the same config keys and carry the same class names as diffusers' `DDPMScheduler` and `DDIMScheduler`,
+so a `scheduler_config.json` written by either library loads in the other, and any diffusers scheduler can be
+swapped in with `pipe.scheduler = X.from_config(pipe.scheduler.config)`.
+
+One deliberate difference: our DDIM steps from each timestep to the *next one in the schedule*. diffusers' DDIM
+steps to `t − T // n`, which is the same for the default "leading" spacing but skips to a timestep that is not in
+the schedule for "linspace", and for "trailing" when n does not divide T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import diffusion
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass
+class SchedulerOutput(BaseOutput):
+    """`prev_sample` is x_{t−1} (or x_s for a strided step); `pred_original_sample` is the model's x̂_0."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class _GaussianScheduler(SchedulerMixin, ConfigMixin):
+    """What DDPM and DDIM share: the noise schedule, timestep spacing, `add_noise` and the x̂_0 read-out."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+    init_noise_sigma = 1.0
+
+    def _setup(self, config) -> None:
+        if config.prediction_type not in diffusion.PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {diffusion.PREDICTION_TYPES}, got {config.prediction_type!r}")
+        if config.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {config.timestep_spacing!r}")
+        if config.trained_betas is not None:
+            betas = torch.tensor(config.trained_betas, dtype=torch.float64)
+        else:
+            betas = diffusion.make_beta_schedule(
+                config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end
+            )
+        if config.rescale_betas_zero_snr:
+            betas = diffusion.rescale_zero_terminal_snr(betas)
+        # With rescale_betas_zero_snr, ᾱ_T = 0 exactly: x̂_0 is then defined for v- and x_0-prediction only, which is
+        # why Lin et al. 2024 pair zero terminal SNR with v-prediction.
+        self.schedule = schedule = diffusion.NoiseSchedule(betas)
+        self.betas, self.alphas, self.alphas_cumprod = schedule.betas, schedule.alphas, schedule.alphas_cumprod
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.from_numpy(np.arange(config.num_train_timesteps)[::-1].copy())
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """DDPM and DDIM feed x_t to the network as it is."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Choose the n sampling timesteps (descending) out of the T training ones, by `timestep_spacing`
+        (Lin et al. 2024, Table 2: "leading", "linspace", "trailing")."""
+        T, n = self.config.num_train_timesteps, num_inference_steps
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), got {n!r}")
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        elif spacing == "leading":
+            timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.config.steps_offset
+        else:  # trailing
+            timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        self.num_inference_steps = n
+        self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The timestep after `timestep` in the current schedule, −1 after the last (meaning ᾱ = 1: clean data)."""
+        t = int(timestep)
+        if self.num_inference_steps is None:
+            return t - 1
+        later = (self.timesteps == t).nonzero()
+        if len(later) == 0:
+            raise ValueError(f"timestep {t} is not in this scheduler's timesteps; call set_timesteps first")
+        index = int(later[0, 0])
+        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    def _alpha_bars(self, t: int, prev_t: int, final_alpha_bar: float, like: torch.Tensor):
+        """ᾱ_t and ᾱ_s (1 or ᾱ_0 past the end) as 0-d tensors in like's dtype and device."""
+        ab_t = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(final_alpha_bar)
+        return diffusion.broadcast_to(ab_t, like), diffusion.broadcast_to(ab_prev, like)
+
+    def _predict_x0_eps(self, model_output, sample, alpha_bar_t):
+        x0, eps = diffusion.split_model_output(model_output, sample, alpha_bar_t, self.config.prediction_type)
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            x0 = x0.clamp(-r, r)
+        return x0, eps
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """q_sample at a batch of timesteps: the forward process used in training (Ho et al. 2020, eq. 4)."""
+        return diffusion.q_sample(original_samples, noise, self.schedule.alpha_bar(timesteps, original_samples))
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target for clean `sample` and `noise` at `timesteps`."""
+        return diffusion.predict_v(sample, noise, self.schedule.alpha_bar(timesteps, sample))
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+class DDPMScheduler(_GaussianScheduler):
+    """Ancestral sampling of Ho et al. 2020 (Algorithm 2), also with fewer steps than T (strided posterior).
+
+    `variance_type`: "fixed_small" uses σ_t² = β̃_t, "fixed_large" σ_t² = β_t (§3.2).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        if variance_type not in diffusion.VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {diffusion.VARIANCE_TYPES}, got {variance_type!r}")
+        self._setup(self.config)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+        ab_t, ab_prev = self._alpha_bars(t, prev_t, 1.0, sample)
+        x0, _ = self._predict_x0_eps(model_output, sample, ab_t)
+        noise = None
+        if t > 0:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                 dtype=model_output.dtype)
+        prev_sample = diffusion.ddpm_step(sample, x0, ab_t, ab_prev, noise, self.config.variance_type)
+        if not return_dict:
+            return (prev_sample, x0)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class DDIMScheduler(_GaussianScheduler):
+    """Denoising diffusion implicit models (Song et al. 2021): deterministic at η = 0, DDPM-like at η = 1.
+
+    `set_alpha_to_one`: past the last step ᾱ is 1 (True) or ᾱ_0 (False), as in diffusers.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._setup(self.config)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        t = int(timestep)
+        ab_t, ab_prev = self._alpha_bars(t, self.previous_timestep(t), self.final_alpha_cumprod, sample)
+        x0, eps = self._predict_x0_eps(model_output, sample, ab_t)
+        sigma = diffusion.ddim_sigma(ab_t, ab_prev, eta)
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("pass either generator or variance_noise to DDIMScheduler.step, not both")
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                     dtype=model_output.dtype)
+        prev_sample = diffusion.ddim_step(x0, eps, ab_prev, sigma, noise)
+        if not return_dict:
+            return (prev_sample, x0)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
