@@ -215,3 +215,14 @@ class DDIMScheduler(_GaussianScheduler):
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def scheduler_from_name(name: str, config) -> SchedulerMixin:
+    """`ddpm`, `ddim` (ours) or `dpm++` (diffusers' DPM-Solver++ multistep), configured from another scheduler's
+    config (same training schedule and prediction type)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    choices = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+    if name not in choices:
+        raise ValueError(f"scheduler must be one of {sorted(choices)}, got {name!r}")
+    return choices[name].from_config(config)

@@ -1,0 +1,150 @@
+"""Model folders: a diffusers Stable Diffusion pipeline folder plus, optionally, `clip/` (the full CLIP, for judging).
+
+    DIR/model_index.json   {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], …}
+    DIR/unet/  DIR/vae/  DIR/text_encoder/   config.json + *.safetensors (sharded: *.safetensors.index.json)
+    DIR/tokenizer/   tokenizer.json or vocab.json + merges.txt
+    DIR/scheduler/scheduler_config.json
+    DIR/clip/        config.json + *.safetensors (optional; kept out of model_index.json so diffusers ignores it)
+
+Weights are read from safetensors only: a folder whose weights exist only as pickles (*.bin, *.ckpt, *.pt …) is
+refused, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import diffusers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from . import schedulers
+
+SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+MODEL_INDEX_ENTRIES = {
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+_OUR_SCHEDULERS = {"DDPMScheduler": schedulers.DDPMScheduler, "DDIMScheduler": schedulers.DDIMScheduler}
+
+
+class ModelFolderError(ValueError, FileNotFoundError):
+    """A model folder that is missing, incomplete, or holds weights in a form latentdiff will not load."""
+
+
+NO_MODEL_HINT = (
+    "no model ships with this installation yet. Make one with\n"
+    "  latentdiff new-model --preset small --out my-model    (untrained: images are noise until it is trained)\n"
+    "and pass it with --model my-model (or LatentDiffusionPipeline.from_pretrained('my-model')); README's "
+    "'Training' section trains one from scratch."
+)
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """The local folder for `path`: the shipped model when None, a local folder, or (online) a hub repository."""
+    if path is None:
+        if not (SHIPPED_MODEL_DIR / "model_index.json").is_file():
+            raise ModelFolderError(NO_MODEL_HINT)
+        return SHIPPED_MODEL_DIR
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelFolderError(f"model must be a folder (a diffusers pipeline folder), got the file {str(path)!r}")
+        return local
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        return _download(str(path))
+    raise ModelFolderError(f"model folder {str(path)!r} does not exist")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown repo, gated repo … all end the same way for the user
+        raise ModelFolderError(f"model {repo_id!r} is not a local folder and could not be downloaded from the hub "
+                               f"({type(error).__name__}: {error})") from error
+
+
+def check_model_folder(root: Path, require_model_index: bool = True) -> None:
+    """Raise ModelFolderError naming the first missing or refused file; return quietly when the folder is usable."""
+    if require_model_index and not (root / "model_index.json").is_file():
+        raise ModelFolderError(f"{root} is not a model folder: {root / 'model_index.json'} is missing")
+    for name in WEIGHT_FOLDERS:
+        check_weights(root / name)
+    tokenizer = root / "tokenizer"
+    if not ((tokenizer / "tokenizer.json").is_file() or (tokenizer / "vocab.json").is_file()
+            and (tokenizer / "merges.txt").is_file()):
+        raise ModelFolderError(f"incomplete model folder: {tokenizer} needs tokenizer.json or vocab.json + merges.txt")
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise ModelFolderError(f"incomplete model folder: {root / 'scheduler' / 'scheduler_config.json'} is missing")
+
+
+def check_weights(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"incomplete model folder: {folder / 'config.json'} is missing")
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.name.endswith((".safetensors", ".safetensors.index.json")) for p in files):
+        return
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ModelFolderError(
+            f"refusing {pickles[0]}: latentdiff loads safetensors only, and this folder has only pickle weights "
+            "(unpickling can run arbitrary code). Convert it once where you trust the file, e.g. "
+            "`Model.from_pretrained(folder).save_pretrained(folder)` with diffusers/transformers, which writes safetensors."
+        )
+    raise ModelFolderError(f"incomplete model folder: {folder} has no *.safetensors weights")
+
+
+def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
+    """Every component of the folder (plus `clip` when `clip/` is there), loaded from safetensors."""
+    import torch
+
+    dtype = dtype or torch.float32
+    kw = dict(use_safetensors=True, variant=variant)
+    components = {
+        "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw),
+        "vae": AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw),
+        "unet": UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw),
+        "scheduler": load_scheduler(root / "scheduler"),
+        "clip": None,
+    }
+    if (root / "clip" / "config.json").is_file():
+        check_weights(root / "clip")
+        components["clip"] = CLIPModel.from_pretrained(root / "clip", dtype=dtype, **kw)
+    return components
+
+
+def load_scheduler(folder: Path) -> SchedulerMixin:
+    """Our DDPM/DDIM for those class names (same configs, same results as diffusers'), else diffusers' own class."""
+    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "DDIMScheduler")
+    cls = _OUR_SCHEDULERS.get(name) or getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ModelFolderError(f"{folder / 'scheduler_config.json'} names an unknown scheduler class {name!r}")
+    return cls.from_pretrained(folder)
+
+
+def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
+    """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker)."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        **MODEL_INDEX_ENTRIES,
+        # our DDPM/DDIM share diffusers' class names and configs, so diffusers loads its own class from the folder
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,235 @@
+"""Text-to-image generation: `pipe("a tiger", guidance_scale=7.5).images[0]`."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import shutil
+import tempfile
+from numbers import Real
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from . import diffusion, model_folder
+
+logger = logging.getLogger(__name__)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """Latent diffusion (Rombach et al. 2022) conditioned on a CLIP text encoder, with classifier-free guidance.
+
+    The five components are those of a Stable Diffusion pipeline, so folders move between this class and
+    diffusers' `StableDiffusionPipeline` in both directions; `clip` is the full CLIP the text encoder came from,
+    kept for evaluation (CLIP score) and saved as `clip/`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["clip"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        clip: CLIPModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              clip=clip)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # Loading and saving ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, torch_dtype=None,
+                        variant: str | None = None, **components) -> "LatentDiffusionPipeline":
+        """Load a model folder; with no argument, the small model shipped inside the package.
+
+        Components given as keyword arguments (e.g. `scheduler=...`) replace the folder's.
+        """
+        unknown = set(components) - set(model_folder.COMPONENTS) - {"clip"}
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
+        root = model_folder.resolve_model_dir(pretrained_model_name_or_path)
+        model_folder.check_model_folder(root)
+        loaded = model_folder.load_components(root, dtype=torch_dtype, variant=variant)
+        return cls(**{**loaded, **components})
+
+    def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "15MB", **_) -> None:
+        """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
+
+        The folder is written next to its destination and moved into place, so a crash leaves no half-written model.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            for name in ("unet", "vae", "text_encoder", "clip"):
+                module = getattr(self, name)
+                if module is not None:
+                    module.save_pretrained(tmp / name, max_shard_size=max_shard_size)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            model_folder.write_model_index(tmp, self.scheduler)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # Generation --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """CLIP hidden states (B, L, D) for a list of prompts, padded to the tokenizer's context, truncated with a
+        warning (the end-of-text token is kept)."""
+        max_length = self.tokenizer.model_max_length
+        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        lengths = [len(x) for x in self.tokenizer(prompts, verbose=False).input_ids]
+        too_long = [p for p, n in zip(prompts, lengths) if n > max_length]
+        if too_long:
+            logger.warning("%d prompt(s) are longer than the text encoder's context of %d tokens and were truncated, "
+                           "e.g. %r", len(too_long), max_length, too_long[0])
+        hidden = self.text_encoder(ids.to(device))[0]  # (B, L, D)
+        return hidden.to(self.unet.dtype)
+
+    def check_inputs(self, prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                     guidance_rescale, num_images_per_prompt, output_type, generator, latents) -> list[str] | None:
+        """Validate the arguments of __call__; return the negative prompts as a list (or None)."""
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
+                                 f"downsampling factor), got {value!r}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) \
+                or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale!r}")
+        if not isinstance(guidance_rescale, Real) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        total = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"generator list must have one generator per image ({len(prompts)} prompts × "
+                             f"{num_images_per_prompt} images = {total}), got {len(generator)}")
+        shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for these prompts, height and width, "
+                             f"got {tuple(latents.shape)}")
+        if negative_prompt is None:
+            return None
+        negatives = _as_prompt_list("negative_prompt", negative_prompt)
+        if isinstance(negative_prompt, str):
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt must be one string or one per prompt ({len(prompts)}), "
+                             f"got {len(negatives)}")
+        return negatives
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for `prompt`.
+
+        guidance_scale: s in ε̂ = ε_u + s (ε_c − ε_u) — the w + 1 of Ho & Salimans' (1 + w) ε_c − w ε_u. s = 1 is
+            plain conditional sampling (no unconditional pass), s = 0 unconditional sampling (no conditional pass);
+            otherwise both run as one batched U-Net call per step.
+        negative_prompt: replaces "" as the unconditional text.
+        eta: DDIM's η (used by schedulers whose `step` takes it).
+        generator / latents: the seed (one generator, or one per image) or the initial noise itself.
+        output_type: "pil" (list of PIL images), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1], or
+            "latent" (the final latents, not decoded).
+        guidance_rescale: φ of Lin et al. 2024 (0 = off).
+        The progress bar is turned off with `pipe.set_progress_bar_config(disable=True)`.
+        """
+        prompts = _as_prompt_list("prompt", prompt)
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default_size, width or default_size
+        negatives = self.check_inputs(prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                      guidance_rescale, num_images_per_prompt, output_type, generator, latents)
+        device = self._execution_device
+        n = num_images_per_prompt
+
+        # 1. Text conditions: (B·n, L, D), the unconditional rows first, as one text-encoder call.
+        run_uncond, run_cond = guidance_scale != 1, guidance_scale != 0
+        uncond_texts = negatives or [""] * len(prompts)
+        texts = (uncond_texts if run_uncond else []) + (prompts if run_cond else [])
+        embeds = self.encode_prompt(texts, device).repeat_interleave(n, dim=0)
+
+        # 2. Initial noise x_T (B·n, C, h, w), scaled as the scheduler expects.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        shape = (len(prompts) * n, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+        latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
+        step_kwargs = _accepted_kwargs(self.scheduler.step, eta=eta, generator=generator)
+
+        # 3. Denoise: one U-Net call per step on [uncond; cond] when guiding.
+        passes = int(run_uncond) + int(run_cond)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(torch.cat([latents] * passes), t)
+            output = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if passes == 2:
+                uncond, cond = output.chunk(2)
+                output = diffusion.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
+            latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+
+        # 4. Decode z_0 → image.
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _as_prompt_list(name: str, value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError(f"{name} must be a str or a non-empty list of str, got an empty list")
+    bad = value if not isinstance(value, (list, tuple)) else next(v for v in value if not isinstance(v, str))
+    raise TypeError(f"{name} must be a str or a non-empty list of str, got {type(bad).__name__}: {bad!r}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+
+
+def _accepted_kwargs(fn, **kwargs) -> dict:
+    """The subset of kwargs that `fn` takes (schedulers differ: DDIM takes eta, Euler takes no eta …)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
