@@ -172,7 +172,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """
         prompts = _as_prompt_list("prompt", prompt)
         default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default_size, width or default_size
+        height = default_size if height is None else height
+        width = default_size if width is None else width
         negatives = self.check_inputs(prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                       guidance_rescale, num_images_per_prompt, output_type, generator, latents)
         device = self._execution_device

@@ -1,0 +1,34 @@
+"""The `latentdiff` command, run in-process as a user would run it."""
+
+from PIL import Image
+
+from latentdiff import LatentDiffusionPipeline
+from latentdiff.cli import main
+
+
+def test_new_model_then_generate_a_grid(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["new-model", "--preset", "tiny", "--out", str(model)]) == 0
+    assert LatentDiffusionPipeline.from_pretrained(model).clip is not None
+    out = tmp_path / "out" / "grid.png"
+    assert main(["generate", "a tiger", "--model", str(model), "--out", str(out), "--steps", "3", "--num-images", "4",
+                 "--scheduler", "dpm++", "--negative-prompt", "blurry", "--guidance-scale", "5", "--seed", "3"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert Image.open(out).size == (2 * 32 + 2, 2 * 32 + 2)  # 2x2 grid of 32x32 images, 2 px apart
+
+
+def test_generate_single_image_is_seeded(tiny_dir, tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for path, seed in zip(paths, (7, 7, 8)):
+        assert main(["generate", "a tiger", "--model", str(tiny_dir), "--out", str(path), "--steps", "3",
+                     "--scheduler", "ddpm", "--seed", str(seed)]) == 0
+    a, b, c = (Image.open(p).tobytes() for p in paths)
+    assert a == b and a != c
+
+
+def test_errors_are_one_line_messages_not_tracebacks(tiny_dir, tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tiny_dir), "--height", "31", "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "height must be a positive multiple of 2" in err and "Traceback" not in err
