@@ -6,7 +6,24 @@ import argparse
 import sys
 from pathlib import Path
 
-SCHEDULERS = ("ddpm", "ddim", "dpm++")
+from .schedulers import SCHEDULER_NAMES
+
+
+
+def _positive_int(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
+    return int(text)
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model folder (default: the model shipped with the package)")
     gen.add_argument("--out", default="image.png", help="PNG to write (default: image.png)")
-    gen.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance s (default: 7.5)")
+    gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
+    gen.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance s (default: 7.5)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--num-images", type=_positive_int, default=1)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the model's own")
+    gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the model's own")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
 

@@ -89,6 +89,11 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ᾱ / (1 − ᾱ) (Kingma et al. 2021, eq. 2)."""
     return alpha_bar / (1 - alpha_bar)
@@ -155,9 +160,8 @@ def split_model_output(
         return predict_x0_from_eps(x_t, model_output, alpha_bar), model_output
     if prediction_type == "v_prediction":
         return predict_x0_from_v(x_t, model_output, alpha_bar), predict_eps_from_v(x_t, model_output, alpha_bar)
-    if prediction_type == "sample":
-        return model_output, predict_eps_from_x0(x_t, model_output, alpha_bar)
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    check_prediction_type(prediction_type)
+    return model_output, predict_eps_from_x0(x_t, model_output, alpha_bar)
 
 
 def score_from_eps(eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -174,9 +178,8 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor
         return eps
     if prediction_type == "v_prediction":
         return predict_v(x0, eps, alpha_bar)
-    if prediction_type == "sample":
-        return x0
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    check_prediction_type(prediction_type)
+    return x0
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -184,18 +187,19 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) 
 
     The ε-loss equals SNR · (x_0-loss) and the v-loss (SNR + 1) · (x_0-loss), so weighting the x_0-loss by
     min(SNR, γ) means weighting the ε-loss by min(SNR, γ)/SNR and the v-loss by min(SNR, γ)/(SNR + 1).
+    At SNR = 0 (the last step of a zero-terminal-SNR schedule) the ε weight is its limit, 1, and the v weight is
+    0 as in the paper (diffusers' training example uses min(SNR + 1, γ)/(SNR + 1) instead, which is 1 there).
     """
     if not gamma > 0:
         raise ValueError(f"snr_gamma must be positive, got {gamma}")
+    check_prediction_type(prediction_type)
     s = snr(alpha_bar)
     clipped = torch.minimum(s, torch.full_like(s, gamma))
     if prediction_type == "epsilon":
-        return clipped / s
+        return torch.where(s > 0, clipped / s, torch.ones_like(s))
     if prediction_type == "v_prediction":
         return clipped / (s + 1)
-    if prediction_type == "sample":
-        return clipped
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return clipped
 
 
 def diffusion_loss(
@@ -244,6 +248,8 @@ def ddpm_step(
 
 def ddim_sigma(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float) -> torch.Tensor:
     """σ_t(η) = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s) (Song et al. 2021, eq. 16): η = 1 is DDPM, η = 0 is DDIM."""
+    if eta == 0:
+        return torch.zeros_like(alpha_bar_t)
     return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
 
 

@@ -21,11 +21,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from . import schedulers
+from .schedulers import scheduler_class
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+COMPONENT_FOLDERS = COMPONENTS + ("clip",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MODEL_INDEX_ENTRIES = {
     "text_encoder": ["transformers", "CLIPTextModel"],
@@ -33,7 +34,6 @@ MODEL_INDEX_ENTRIES = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
-_OUR_SCHEDULERS = {"DDPMScheduler": schedulers.DDPMScheduler, "DDIMScheduler": schedulers.DDIMScheduler}
 
 
 class ModelFolderError(ValueError, FileNotFoundError):
@@ -67,9 +67,11 @@ def resolve_model_dir(path: str | Path | None) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/*.json", "*/*.safetensors", "tokenizer/*.txt"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    folders = WEIGHT_FOLDERS + ("clip",)
+    patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
+    patterns += [f"{f}/*.json" for f in folders] + [f"{f}/*.safetensors" for f in folders]
+    try:  # weight variants (fp16, ema …) are other files of the same folders; load only the plain weights
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.*.safetensors"]))
     except Exception as error:  # offline, unknown repo, gated repo … all end the same way for the user
         raise ModelFolderError(f"model {repo_id!r} is not a local folder and could not be downloaded from the hub "
                                f"({type(error).__name__}: {error})") from error
@@ -128,9 +130,10 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
 def load_scheduler(folder: Path) -> SchedulerMixin:
     """Our DDPM/DDIM for those class names (same configs, same results as diffusers'), else diffusers' own class."""
     name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "DDIMScheduler")
-    cls = _OUR_SCHEDULERS.get(name) or getattr(diffusers, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ModelFolderError(f"{folder / 'scheduler_config.json'} names an unknown scheduler class {name!r}")
+    try:
+        cls = scheduler_class(name)
+    except ValueError:
+        raise ModelFolderError(f"{folder / 'scheduler_config.json'} names an unknown scheduler class {name!r}") from None
     return cls.from_pretrained(folder)
 
 

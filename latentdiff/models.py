@@ -13,7 +13,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from .schedulers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .schedulers import scheduler_class
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESET_KEYS = ("resolution", "tokenizer", "clip", "vae", "unet", "scheduler")
@@ -55,7 +57,7 @@ def _check_preset(config: dict) -> None:
 
 
 def vae_scale_factor(vae_config) -> int:
-    """How much the VAE shrinks each side: one factor 2 per down block after the first."""
+    """How much the VAE shrinks each side: one factor 2 per down block after the first (a dict or a config)."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
@@ -87,10 +89,9 @@ def build_unet(preset: dict) -> UNet2DConditionModel:
     return UNet2DConditionModel(**preset["unet"])
 
 
-def build_scheduler(preset: dict) -> DDIMScheduler | DDPMScheduler:
+def build_scheduler(preset: dict) -> SchedulerMixin:
     config = dict(preset["scheduler"])
-    cls = {"DDIMScheduler": DDIMScheduler, "DDPMScheduler": DDPMScheduler}[config.pop("_class_name", "DDIMScheduler")]
-    return cls(**config)
+    return scheduler_class(config.pop("_class_name", "DDIMScheduler"))(**config)
 
 
 def new_pipeline(preset: str | Path | dict = "tiny", seed: int = 0, tokenizer: CLIPTokenizer | None = None):

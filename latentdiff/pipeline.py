@@ -5,9 +5,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import shutil
 import tempfile
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import diffusion, model_folder
+from .models import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -47,7 +49,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               clip=clip)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae.config)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # Loading and saving ------------------------------------------------------------------------------------------
@@ -67,27 +69,39 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         loaded = model_folder.load_components(root, dtype=torch_dtype, variant=variant)
         return cls(**{**loaded, **components})
 
-    def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "15MB", **_) -> None:
+    def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "15MB",
+                        safe_serialization: bool = True) -> None:
         """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
 
-        The folder is written next to its destination and moved into place, so a crash leaves no half-written model.
+        Only the component folders and model_index.json are replaced; other files in the folder are left alone.
+        Each component is written completely to a staging folder before it replaces the old one, so an
+        interrupted save never leaves a half-written component.
         """
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        if not safe_serialization:
+            raise ValueError("safe_serialization must be True: latentdiff writes safetensors only")
+        target = Path(save_directory).resolve()
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"save_directory must be a folder, got the file {str(save_directory)!r}")
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".latentdiff-save-", dir=target))
         try:
-            for name in ("unet", "vae", "text_encoder", "clip"):
-                module = getattr(self, name)
-                if module is not None:
-                    module.save_pretrained(tmp / name, max_shard_size=max_shard_size)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            self.scheduler.save_pretrained(tmp / "scheduler")
-            model_folder.write_model_index(tmp, self.scheduler)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "clip"):
+                component = getattr(self, name)
+                if component is None:
+                    continue
+                if name in ("tokenizer", "scheduler"):
+                    component.save_pretrained(staging / name)
+                else:
+                    component.save_pretrained(staging / name, max_shard_size=max_shard_size)
+            model_folder.write_model_index(staging, self.scheduler)
+            for name in model_folder.COMPONENT_FOLDERS:  # swap each component in; a stale clip/ goes too
+                if (target / name).exists():
+                    (target / name).rename(staging / f"old-{name}")
+                if (staging / name).exists():
+                    (staging / name).rename(target / name)
+            os.replace(staging / "model_index.json", target / "model_index.json")
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
 
     # Generation --------------------------------------------------------------------------------------------------
 
@@ -95,22 +109,28 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
         """CLIP hidden states (B, L, D) for a list of prompts, padded to the tokenizer's context, truncated with a
         warning (the end-of-text token is kept)."""
-        max_length = self.tokenizer.model_max_length
-        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        lengths = [len(x) for x in self.tokenizer(prompts, verbose=False).input_ids]
-        too_long = [p for p, n in zip(prompts, lengths) if n > max_length]
-        if too_long:
-            logger.warning("%d prompt(s) are longer than the text encoder's context of %d tokens and were truncated, "
-                           "e.g. %r", len(too_long), max_length, too_long[0])
+        ids = self.tokenize(prompts)
         hidden = self.text_encoder(ids.to(device))[0]  # (B, L, D)
         return hidden.to(self.unet.dtype)
 
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids (B, L) padded to the context L; longer prompts keep their first L − 1 tokens plus end-of-text
+        (what the tokenizer's own truncation gives), with a warning."""
+        tok, max_length = self.tokenizer, self.tokenizer.model_max_length
+        rows = tok(prompts, verbose=False).input_ids  # one tokenization, untruncated
+        too_long = [p for p, ids in zip(prompts, rows) if len(ids) > max_length]
+        if too_long:
+            logger.warning("%d prompt(s) are longer than the text encoder's context of %d tokens and were truncated, "
+                           "e.g. %r", len(too_long), max_length, too_long[0])
+        rows = [ids[: max_length - 1] + [tok.eos_token_id] if len(ids) > max_length
+                else ids + [tok.pad_token_id] * (max_length - len(ids)) for ids in rows]
+        return torch.tensor(rows, dtype=torch.long)
+
     def check_inputs(self, prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                     guidance_rescale, num_images_per_prompt, output_type, generator, latents) -> list[str] | None:
+                     guidance_rescale, eta, num_images_per_prompt, output_type, generator, latents) -> list[str] | None:
         """Validate the arguments of __call__; return the negative prompts as a list (or None)."""
         for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+            if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
                                  f"downsampling factor), got {value!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
@@ -120,6 +140,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale!r}")
         if not isinstance(guidance_rescale, Real) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if isinstance(eta, bool) or not isinstance(eta, Real) or not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         total = len(prompts) * num_images_per_prompt
@@ -161,7 +183,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
         guidance_scale: s in ε̂ = ε_u + s (ε_c − ε_u) — the w + 1 of Ho & Salimans' (1 + w) ε_c − w ε_u. s = 1 is
             plain conditional sampling (no unconditional pass), s = 0 unconditional sampling (no conditional pass);
-            otherwise both run as one batched U-Net call per step.
+            otherwise both run as one batched U-Net call per step. Unlike diffusers' StableDiffusionPipeline, which
+            samples conditionally whenever s ≤ 1, 0 ≤ s < 1 here means the formula above (s = 0: unconditional).
         negative_prompt: replaces "" as the unconditional text.
         eta: DDIM's η (used by schedulers whose `step` takes it).
         generator / latents: the seed (one generator, or one per image) or the initial noise itself.
@@ -175,7 +198,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         height = default_size if height is None else height
         width = default_size if width is None else width
         negatives = self.check_inputs(prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                      guidance_rescale, num_images_per_prompt, output_type, generator, latents)
+                                      guidance_rescale, eta, num_images_per_prompt, output_type, generator, latents)
         device = self._execution_device
         n = num_images_per_prompt
 
@@ -226,7 +249,7 @@ def _as_prompt_list(name: str, value) -> list[str]:
 
 
 def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
 
 

@@ -1,17 +1,17 @@
 """DDPM and DDIM samplers built on `latentdiff.diffusion`, exposed through diffusers' scheduler contract.
 
 They take the same config keys and carry the same class names as diffusers' `DDPMScheduler` and `DDIMScheduler`,
-so a `scheduler_config.json` written by either library loads in the other, and any diffusers scheduler can be
-swapped in with `pipe.scheduler = X.from_config(pipe.scheduler.config)`.
+so a `scheduler_config.json` written by either library loads in the other and gives the same samples, and any
+diffusers scheduler can be swapped in with `pipe.scheduler = X.from_config(pipe.scheduler.config)`.
 
-One deliberate difference: our DDIM steps from each timestep to the *next one in the schedule*. diffusers' DDIM
-steps to `t − T // n`, which is the same for the default "leading" spacing but skips to a timestep that is not in
-the schedule for "linspace", and for "trailing" when n does not divide T.
+The step coefficients are computed from float32 ᾱ and only then meet the sample, whatever its dtype: in bf16,
+ᾱ_1 = 0.9983 would round to 1 and turn 1 − ᾱ into 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -41,8 +41,7 @@ class _GaussianScheduler(SchedulerMixin, ConfigMixin):
     init_noise_sigma = 1.0
 
     def _setup(self, config) -> None:
-        if config.prediction_type not in diffusion.PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {diffusion.PREDICTION_TYPES}, got {config.prediction_type!r}")
+        diffusion.check_prediction_type(config.prediction_type)
         if config.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {config.timestep_spacing!r}")
         if config.trained_betas is not None:
@@ -68,7 +67,7 @@ class _GaussianScheduler(SchedulerMixin, ConfigMixin):
         """Choose the n sampling timesteps (descending) out of the T training ones, by `timestep_spacing`
         (Lin et al. 2024, Table 2: "leading", "linspace", "trailing")."""
         T, n = self.config.num_train_timesteps, num_inference_steps
-        if not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
+        if isinstance(n, bool) or not isinstance(n, Integral) or not 1 <= n <= T:
             raise ValueError(f"num_inference_steps must be an integer in [1, {T}] (num_train_timesteps), got {n!r}")
         spacing = self.config.timestep_spacing
         if spacing == "linspace":
@@ -77,25 +76,26 @@ class _GaussianScheduler(SchedulerMixin, ConfigMixin):
             timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + self.config.steps_offset
         else:  # trailing
             timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-        self.num_inference_steps = n
+        self.num_inference_steps = int(n)
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
+        self._timestep_list = timesteps.tolist()  # host copy: finding the next timestep never syncs a device
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep after `timestep` in the current schedule, −1 after the last (meaning ᾱ = 1: clean data)."""
         t = int(timestep)
         if self.num_inference_steps is None:
             return t - 1
-        later = (self.timesteps == t).nonzero()
-        if len(later) == 0:
-            raise ValueError(f"timestep {t} is not in this scheduler's timesteps; call set_timesteps first")
-        index = int(later[0, 0])
-        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+        try:
+            index = self._timestep_list.index(t)
+        except ValueError:
+            raise ValueError(f"timestep {t} is not in this scheduler's timesteps; call set_timesteps first") from None
+        return self._timestep_list[index + 1] if index + 1 < len(self._timestep_list) else -1
 
     def _alpha_bars(self, t: int, prev_t: int, final_alpha_bar: float, like: torch.Tensor):
-        """ᾱ_t and ᾱ_s (1 or ᾱ_0 past the end) as 0-d tensors in like's dtype and device."""
+        """ᾱ_t and ᾱ_s (`final_alpha_bar` past the end) as float32 0-d tensors on like's device."""
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(final_alpha_bar)
-        return diffusion.broadcast_to(ab_t, like), diffusion.broadcast_to(ab_prev, like)
+        return ab_t.to(like.device), ab_prev.to(like.device, torch.float32)
 
     def _predict_x0_eps(self, model_output, sample, alpha_bar_t):
         x0, eps = diffusion.split_model_output(model_output, sample, alpha_bar_t, self.config.prediction_type)
@@ -167,7 +167,9 @@ class DDPMScheduler(_GaussianScheduler):
 class DDIMScheduler(_GaussianScheduler):
     """Denoising diffusion implicit models (Song et al. 2021): deterministic at η = 0, DDPM-like at η = 1.
 
-    `set_alpha_to_one`: past the last step ᾱ is 1 (True) or ᾱ_0 (False), as in diffusers.
+    `set_alpha_to_one`: past the last step ᾱ is 1 (True) or ᾱ_0 (False), as in diffusers. Each step goes from t to
+    t − T // n, as diffusers' DDIM does: that is the next timestep of the schedule for "leading" spacing (and for
+    "trailing" when n divides T), and a nearby one otherwise — kept so that a config means the same in both.
     """
 
     @register_to_config
@@ -189,6 +191,11 @@ class DDIMScheduler(_GaussianScheduler):
         self._setup(self.config)
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
 
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        if self.num_inference_steps is None:
+            raise ValueError("DDIMScheduler.step needs num_inference_steps: call set_timesteps first")
+        return int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -199,6 +206,8 @@ class DDIMScheduler(_GaussianScheduler):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta!r}")
         t = int(timestep)
         ab_t, ab_prev = self._alpha_bars(t, self.previous_timestep(t), self.final_alpha_cumprod, sample)
         x0, eps = self._predict_x0_eps(model_output, sample, ab_t)
@@ -217,12 +226,22 @@ class DDIMScheduler(_GaussianScheduler):
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
-def scheduler_from_name(name: str, config) -> SchedulerMixin:
-    """`ddpm`, `ddim` (ours) or `dpm++` (diffusers' DPM-Solver++ multistep), configured from another scheduler's
-    config (same training schedule and prediction type)."""
-    from diffusers import DPMSolverMultistepScheduler
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++")
 
-    choices = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
-    if name not in choices:
-        raise ValueError(f"scheduler must be one of {sorted(choices)}, got {name!r}")
-    return choices[name].from_config(config)
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """A scheduler class by short name (`ddpm`, `ddim`: ours; `dpm++`: diffusers' DPM-Solver++ multistep) or by class
+    name (ours for DDPMScheduler/DDIMScheduler, otherwise diffusers' class of that name)."""
+    import diffusers
+
+    ours = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+    cls = ours.get(name) or getattr(diffusers, "DPMSolverMultistepScheduler" if name == "dpm++" else name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES} or a diffusers scheduler class name, got {name!r}")
+    return cls
+
+
+def scheduler_from_name(name: str, config) -> SchedulerMixin:
+    """A scheduler (see `scheduler_class`) configured from another scheduler's config: same training noise schedule
+    and prediction type."""
+    return scheduler_class(name).from_config(config)

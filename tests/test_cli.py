@@ -1,5 +1,6 @@
 """The `latentdiff` command, run in-process as a user would run it."""
 
+import pytest
 from PIL import Image
 
 from latentdiff import LatentDiffusionPipeline
@@ -32,3 +33,13 @@ def test_errors_are_one_line_messages_not_tracebacks(tiny_dir, tmp_path, capsys)
     assert main(["generate", "x", "--model", str(tiny_dir), "--height", "31", "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
     assert "height must be a positive multiple of 2" in err and "Traceback" not in err
+
+
+
+@pytest.mark.parametrize("flag,value,message", [("--steps", "0", "argument --steps: must be an integer ≥ 1, got '0'"),
+                                                ("--num-images", "x", "argument --num-images: must be an integer ≥ 1"),
+                                                ("--guidance-scale", "nan", "argument --guidance-scale: must be a finite")])
+def test_bad_flags_are_named_by_their_flag(tiny_dir, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--model", str(tiny_dir), flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -141,6 +141,15 @@ def test_min_snr_weights_clip_the_x0_loss_weight_at_gamma():
         D.min_snr_weight(ab, 0.0, "epsilon")
 
 
+def test_min_snr_weights_at_zero_terminal_snr():
+    ab = torch.tensor([0.5, 0.0])  # ᾱ_T = 0 with a zero-terminal-SNR schedule
+    assert D.min_snr_weight(ab, 5.0, "epsilon").tolist() == [1.0, 1.0]  # the limit of min(SNR, γ)/SNR
+    assert D.min_snr_weight(ab, 5.0, "v_prediction").tolist() == [0.5, 0.0]  # the paper's weight
+    x0 = torch.randn(2, 4, 3, 3)
+    loss = D.diffusion_loss(torch.zeros_like(x0), x0, torch.randn_like(x0), D.broadcast_to(ab, x0), snr_gamma=5.0)
+    assert torch.isfinite(loss)
+
+
 def test_diffusion_loss_is_zero_at_the_target_and_weighted_per_sample():
     g = torch.Generator().manual_seed(3)
     x0, eps = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)

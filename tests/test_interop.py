@@ -30,7 +30,7 @@ def small_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("scheduler", [None, "ddpm", "dpm++"])
+@pytest.mark.parametrize("scheduler", [None, "ddpm", "dpm++", "EulerDiscreteScheduler"])
 def test_our_folder_gives_the_same_images_in_diffusers(small_dir, scheduler, caplog):
     ours = LatentDiffusionPipeline.from_pretrained(small_dir)
     with caplog.at_level(logging.WARNING):
@@ -96,13 +96,44 @@ def test_text_encoder_is_the_clip_text_tower(tiny_pipe):
     torch.testing.assert_close(ours, clip)
 
 
-def test_save_overwrites_atomically(tiny_pipe, tmp_path):
+def test_save_replaces_components_and_leaves_other_files_alone(tiny_pipe, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    tiny_pipe.save_pretrained(target)
+    tiny_pipe.clip = None  # a later save without a CLIP must not leave the old, now stale, clip/ behind
+    tiny_pipe.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in target.iterdir()) == ["model_index.json", "notes.txt", "scheduler", "text_encoder",
+                                                        "tokenizer", "unet", "vae"]
+    monkeypatch.chdir(target)
+    tiny_pipe.save_pretrained(".")
+    assert (target / "notes.txt").exists() and LatentDiffusionPipeline.from_pretrained(".").clip is None
+
+
+def test_an_interrupted_save_keeps_the_previous_model(tiny_pipe, tmp_path, monkeypatch):
     target = tmp_path / "model"
     tiny_pipe.save_pretrained(target)
-    (target / "stale.txt").write_text("from an older save")
-    tiny_pipe.save_pretrained(target)
-    assert not (target / "stale.txt").exists() and (target / "model_index.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["model"], "no temporary folder is left behind"
+    before = _images(LatentDiffusionPipeline.from_pretrained(target))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        tiny_pipe.unet.conv_out.weight.add_(1.0)  # a changed model, whose save will be interrupted
+    monkeypatch.setattr(tiny_pipe.vae, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_pipe.save_pretrained(target)
+    np.testing.assert_array_equal(_images(LatentDiffusionPipeline.from_pretrained(target)), before)
+    assert not [p for p in target.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+
+
+def test_save_refuses_pickles_and_files(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="safe_serialization must be True"):
+        tiny_pipe.save_pretrained(tmp_path / "m", safe_serialization=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="save_directory must be a folder, got the file"):
+        tiny_pipe.save_pretrained(tmp_path / "file")
 
 
 def test_a_tokenizer_folder_in_the_original_clip_layout_loads(tiny_dir, tmp_path):

@@ -106,12 +106,20 @@ def test_unusual_prompts_work(tiny_pipe, prompt):
 
 def test_long_prompt_is_truncated_with_a_warning_keeping_end_of_text(tiny_pipe, caplog):
     long_prompt = " ".join(["tiger"] * 100)
-    with caplog.at_level("WARNING", logger="latentdiff"):
-        tiny_pipe(long_prompt, num_inference_steps=2)
-    assert "truncated" in caplog.text
-    ids = tiny_pipe.tokenizer(long_prompt, padding="max_length", truncation=True,
-                              max_length=tiny_pipe.tokenizer.model_max_length).input_ids
-    assert len(ids) == tiny_pipe.tokenizer.model_max_length and ids[-1] == tiny_pipe.tokenizer.eos_token_id
+    fed = []
+    hook = tiny_pipe.text_encoder.register_forward_pre_hook(lambda m, args: fed.append(args[0]))
+    try:
+        with caplog.at_level("WARNING", logger="latentdiff"):
+            tiny_pipe([long_prompt, "a cat"], num_inference_steps=2)
+    finally:
+        hook.remove()
+    assert "1 prompt(s) are longer than the text encoder's context of 16 tokens" in caplog.text
+    ids = fed[0]  # what the text encoder really received: ["", ""] unconditional rows, then the prompts
+    tok = tiny_pipe.tokenizer
+    assert ids.shape == (4, 16) and ids[2, -1] == tok.eos_token_id and (ids[2, 1:-1] == ids[2, 1]).all()
+    # the same ids as the tokenizer's own truncation and padding, for long and short prompts alike
+    expected = tok(["", "", long_prompt, "a cat"], padding="max_length", max_length=16, truncation=True).input_ids
+    assert ids.tolist() == expected
 
 
 BAD_CALLS = [
@@ -134,6 +142,8 @@ BAD_CALLS = [
     (dict(output_type="jpeg"), ValueError, r"output_type must be one of \('pil', 'np', 'pt', 'latent'\), got 'jpeg'"),
     (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt must be an integer ≥ 1, got 0"),
     (dict(latents=torch.zeros(1, 4, 8, 8)), ValueError, r"latents must have shape \(1, 4, 16, 16\).*got \(1, 4, 8, 8\)"),
+    (dict(eta=1.5), ValueError, r"eta must be in \[0, 1\].*got 1.5"),
+    (dict(eta="0.5"), ValueError, r"eta must be in \[0, 1\].*got '0.5'"),
 ]
 
 
@@ -142,6 +152,27 @@ def test_bad_arguments_are_named(tiny_pipe, kwargs, error, message):
     kwargs = {"prompt": "a tiger", "num_inference_steps": 2, **kwargs}
     with pytest.raises(error, match=message):
         tiny_pipe(**kwargs)
+
+
+def test_numpy_integers_are_integers(tiny_pipe):
+    images = tiny_pipe("a", num_inference_steps=np.int64(2), height=np.int32(16), output_type="np").images
+    assert images.shape == (1, 16, 32, 3)
+
+
+def test_bfloat16_pipeline_gives_finite_images_close_to_float32(tiny_dir):
+    fp32 = LatentDiffusionPipeline.from_pretrained(tiny_dir)
+    bf16 = LatentDiffusionPipeline.from_pretrained(tiny_dir, torch_dtype=torch.bfloat16)
+    assert bf16.unet.dtype == torch.bfloat16 and bf16.text_encoder.dtype == torch.bfloat16
+    for pipe in (fp32, bf16):
+        pipe.set_progress_bar_config(disable=True)
+    for scheduler in ("ddim", "ddpm"):
+        from latentdiff.schedulers import scheduler_from_name
+
+        for pipe in (fp32, bf16):
+            pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+        a = fp32("a tiger", num_inference_steps=10, generator=seeded(), output_type="np").images
+        b = bf16("a tiger", num_inference_steps=10, generator=seeded(), output_type="np").images
+        assert np.isfinite(b).all() and np.abs(a - b).mean() < 0.05
 
 
 def test_missing_and_incomplete_folders_name_the_file(tiny_dir, tmp_path):

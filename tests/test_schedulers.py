@@ -69,6 +69,52 @@ def test_ddim_step_matches_diffusers(schedule, prediction_type, eta):
     _run_chain(ours, theirs, steps=25, step_kwargs=dict(eta=eta))
 
 
+@pytest.mark.parametrize("spacing,steps", [("linspace", 25), ("trailing", 30), ("trailing", 25), ("leading", 7)])
+@pytest.mark.parametrize("ours_cls,theirs_cls", [(DDIMScheduler, diffusers.DDIMScheduler),
+                                                 (DDPMScheduler, diffusers.DDPMScheduler)], ids=["ddim", "ddpm"])
+def test_every_timestep_spacing_steps_like_diffusers(spacing, steps, ours_cls, theirs_cls):
+    """Including diffusers' DDIM rule prev = t − T // n, which for linspace leaves the schedule: a config must mean
+    the same thing in both libraries."""
+    ours, theirs = _pair(ours_cls, theirs_cls, timestep_spacing=spacing, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    _same_schedule(ours, theirs)
+    _run_chain(ours, theirs, steps=steps)
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls", [(DDIMScheduler, diffusers.DDIMScheduler),
+                                                 (DDPMScheduler, diffusers.DDPMScheduler)], ids=["ddim", "ddpm"])
+def test_zero_terminal_snr_with_v_prediction_reaches_t_max(ours_cls, theirs_cls):
+    ours, theirs = _pair(ours_cls, theirs_cls, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                         prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False)
+    _same_schedule(ours, theirs)
+    ours.set_timesteps(10)
+    assert int(ours.timesteps[0]) == 999 and float(ours.alphas_cumprod[999]) == 0.0
+    _run_chain(ours, theirs, steps=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
+def test_reduced_precision_steps_stay_finite_and_close(cls, dtype):
+    """Coefficients are computed from float32 ᾱ: in bf16 ᾱ_1 = 0.9983 would round to 1 and give 0/0."""
+    sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+    sched.set_timesteps(25)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_low = x.to(dtype)
+    for t in sched.timesteps:
+        x = sched.step(0.5 * x, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        x_low = sched.step(0.5 * x_low, t, x_low, generator=torch.Generator().manual_seed(int(t))).prev_sample
+    assert x_low.dtype == dtype and torch.isfinite(x_low).all()
+    torch.testing.assert_close(x_low.float(), x, atol=0.1, rtol=0.05)
+
+
+def test_eta_outside_the_unit_interval_is_named():
+    sched = DDIMScheduler()
+    sched.set_timesteps(5)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\].*got 1.5"):
+        sched.step(torch.zeros(1, 4, 2, 2), sched.timesteps[0], torch.zeros(1, 4, 2, 2), eta=1.5)
+
+
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 def test_timesteps_match_diffusers(spacing):
     for steps in (1, 7, 25, 50, 1000):
