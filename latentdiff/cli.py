@@ -43,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
 
+    data = commands.add_parser("data", help="write a built-in data set as a `datasets` imagefolder")
+    kinds = data.add_subparsers(dest="kind", required=True)
+    shapes = kinds.add_parser("shapes", help="procedural shapes scenes with ground truth (for the oracle)")
+    shapes.add_argument("--n", type=_positive_int, default=20000, help="number of scenes (default: 20000)")
+    shapes.add_argument("--size", type=_positive_int, default=64, help="image side, 16 to 512 (default: 64)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
+    emoji = kinds.add_parser("emoji", help="every emoji the colour font can draw, captioned with its names")
+    emoji.add_argument("--size", type=_positive_int, default=64, help="image side (default: 64)")
+    emoji.add_argument("--out", required=True)
+    emoji.add_argument("--font", default=None, help="colour emoji font (default: Noto Color Emoji from the OS)")
+    emoji.add_argument("--background", default=None,
+                       help="a colour name or 'random' (default: white, not mentioned in captions)")
+    emoji.add_argument("--random-placement", action="store_true", help="random size and position, captioned")
+    emoji.add_argument("--per-emoji", type=_positive_int, default=1, help="images per emoji (default: 1)")
+    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
+
     new = commands.add_parser("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
     new.add_argument("--out", required=True, help="folder to write")
@@ -69,6 +88,27 @@ def generate(args) -> Path:
     return out
 
 
+def make_data(args) -> str:
+    from .data.imagefolder import write_imagefolder
+
+    if args.kind == "shapes":
+        from .data.shapes import shapes_rows
+
+        n = write_imagefolder(args.out, shapes_rows(args.n, args.size, args.seed), overwrite=args.overwrite)
+        return f"wrote {n} shapes scenes ({args.size}x{args.size}) to {args.out}"
+    from .data.emoji import render_emoji_set
+
+    skipped = []
+
+    def rows():
+        skipped.extend((yield from render_emoji_set(args.size, args.font, args.background, args.random_placement,
+                                                    args.per_emoji, args.seed)))
+
+    n = write_imagefolder(args.out, rows(), overwrite=args.overwrite)
+    return (f"wrote {n} emoji images ({args.size}x{args.size}) to {args.out}; skipped {len(skipped)} emoji "
+            "sequences the font does not draw as one glyph")
+
+
 def new_model(args) -> Path:
     from .models import new_pipeline
 
@@ -84,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             print(f"wrote {generate(args)}")
+        elif args.command == "data":
+            print(make_data(args))
         elif args.command == "new-model":
             print(f"wrote an untrained model to {new_model(args)}")
-    except (ValueError, TypeError) as error:  # our argument and folder errors: a message, not a traceback
+    except (ValueError, TypeError, FileNotFoundError) as error:  # bad input: a message, not a traceback
         print(f"latentdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,256 @@
+"""Built-in data sets (shapes, emoji), the oracle that reads shapes back, and the one training-data loader."""
+
+import json
+import random
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.cli import main
+from latentdiff.data import emoji as emoji_data
+from latentdiff.data.imagefolder import write_imagefolder
+from latentdiff.data.loader import ImageCaptionDataset, collate, open_dataset, preprocess
+from latentdiff.data.oracle import read_scene, relation_between
+from latentdiff.data.shapes import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, sample_scene, shapes_rows)
+
+
+def _rows(n, size=64, seed=0):
+    return list(shapes_rows(n, size, seed))
+
+
+# Shapes ----------------------------------------------------------------------------------------------------------
+
+def test_shapes_cover_the_required_vocabulary():
+    scenes = [meta["scene"] for _, meta in _rows(500)]
+    objects = [o for s in scenes for o in s["objects"]]
+    assert len(SHAPES) >= 5 and len(COLOURS) >= 8 and len(SIZES) == 3 and len(POSITIONS) == 5
+    assert {o["shape"] for o in objects} == set(SHAPES) and {o["colour"] for o in objects} == set(COLOURS)
+    assert {o["size"] for o in objects} == set(SIZES) and {o["position"] for o in objects} == set(POSITIONS)
+    assert {len(s["objects"]) for s in scenes} == {1, 2, 3}
+    assert {s["relation"] for s in scenes if s["task"] == "relation"} == {"above", "below", "left of", "right of"}
+    assert {s["background"] for s in scenes} == set(BACKGROUNDS)
+
+
+def test_captions_state_the_scene_in_several_phrasings():
+    rng = random.Random(1)
+    relation = next(s for s in (sample_scene(rng, 64) for _ in range(50)) if s.task == "relation")
+    a, b = relation.objects
+    text = relation.captions()
+    assert len(text) >= 3 and len(set(text)) == len(text)
+    assert f"{a.colour} {a.shape}" in text[0] and f"{b.colour} {b.shape}" in text[0]
+    count = sample_scene(random.Random(2), 64, task="count")
+    assert count.captions()[0].split()[0] in ("two", "three")
+    from latentdiff.data.shapes import POSITION_PHRASES
+
+    single = sample_scene(random.Random(0), 64, task="single")
+    o = single.objects[0]
+    assert single.captions()[0] in (f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[o.position]}",
+                                    f"an {o.size} {o.colour} {o.shape} {POSITION_PHRASES[o.position]}")
+
+
+def test_shapes_are_deterministic_for_a_seed_and_match_their_metadata():
+    first, again, other = _rows(20, seed=3), _rows(20, seed=3), _rows(20, seed=4)
+    assert [m for _, m in first] == [m for _, m in again] and [m for _, m in first] != [m for _, m in other]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for (x, _), (y, _) in zip(first, again))
+    for image, meta in first:  # the stored scene redraws the stored image exactly
+        assert np.array_equal(np.asarray(Scene.from_dict(meta["scene"]).render(64)), np.asarray(image))
+
+
+@pytest.mark.parametrize("size", [16, 512])
+def test_any_square_size_from_16_to_512(size):
+    (image, meta), = _rows(1, size=size)
+    assert image.size == (size, size) and meta["scene"]["objects"]
+
+
+@pytest.mark.parametrize("n,size,message", [(0, 64, "n must be a positive integer"),
+                                            (5, 15, "size must be an integer from 16 to 512, got 15"),
+                                            (5, 513, "size must be an integer from 16 to 512, got 513")])
+def test_bad_shapes_arguments_are_named(n, size, message):
+    with pytest.raises(ValueError, match=message):
+        _rows(n, size=size)
+
+
+# Oracle ----------------------------------------------------------------------------------------------------------
+
+def test_oracle_reads_back_500_scenes():
+    """Shape, colour, count and position (and relations) recovered from the PNG pixels; ≥ 99 % each."""
+    rng, hits, relations = random.Random(0), Counter(), []
+    for _ in range(500):
+        scene = sample_scene(rng, 64)
+        png = Image.fromarray(np.asarray(scene.render(64)))
+        read = read_scene(png)
+        truth = sorted(scene.objects, key=lambda o: (o.box[1], o.box[0]))
+        hits["count"] += len(read.objects) == len(truth)
+        pairs = list(zip(read.objects, truth)) if len(read.objects) == len(truth) else []
+        for attribute in ("shape", "colour", "position", "size"):
+            hits[attribute] += bool(pairs) and all(getattr(r, attribute) == getattr(t, attribute) for r, t in pairs)
+        hits["background"] += read.background == scene.background
+        if scene.task == "relation":
+            subject = [o for o in read.objects if o.colour == scene.objects[0].colour]
+            reference = [o for o in read.objects if o.colour == scene.objects[1].colour]
+            relations.append(bool(subject and reference) and relation_between(subject[0], reference[0]) == scene.relation)
+    accuracy = {k: v / 500 for k, v in hits.items()}
+    assert min(accuracy.values()) >= 0.99, accuracy
+    assert np.mean(relations) >= 0.99
+
+
+def test_oracle_sees_nothing_on_an_empty_background_and_tolerates_noise():
+    blank = Image.new("RGB", (64, 64), BACKGROUNDS["gray"])
+    assert read_scene(blank).objects == [] and read_scene(blank).background == "gray"
+    scene = sample_scene(random.Random(5), 64, task="single")
+    noisy = np.asarray(scene.render(64), dtype=np.float32) + np.random.default_rng(0).normal(0, 12, (64, 64, 3))
+    read = read_scene(np.clip(noisy, 0, 255).astype(np.uint8))
+    (obj,) = read.objects
+    truth = scene.objects[0]
+    assert (obj.shape, obj.colour, obj.position) == (truth.shape, truth.colour, truth.position)
+
+
+# Emoji -----------------------------------------------------------------------------------------------------------
+
+def _font_or_skip():
+    try:
+        return emoji_data.find_font()
+    except FileNotFoundError:
+        pytest.skip(f"no colour emoji font installed (package {emoji_data.FONT_PACKAGE})")
+
+
+def test_emoji_set_renders_thousands_with_their_names(tmp_path):
+    _font_or_skip()
+    skipped = []
+
+    def rows():
+        skipped.extend((yield from emoji_data.render_emoji_set(image_size=16)))
+
+    n = write_imagefolder(tmp_path / "emoji", rows())
+    assert n >= 3000, f"only {n} emoji rendered ({len(skipped)} skipped)"
+    metadata = [json.loads(line) for line in (tmp_path / "emoji" / "metadata.jsonl").read_text().splitlines()]
+    by_emoji = {m["emoji"]: m["text"] for m in metadata}
+    assert "a tiger" in by_emoji["🐅"] and "a tiger face" in by_emoji["🐯"]
+    assert by_emoji["🇯🇵"][0] == "flag of Japan"
+    assert "waving hand, medium skin tone" in by_emoji["👋🏽"]
+    assert len(skipped) + n == len(emoji_data.emoji_entries())
+
+
+def test_emoji_options_are_stated_in_the_captions():
+    _font_or_skip()
+    rows = emoji_data.render_emoji_set(image_size=32, background="random", random_placement=True, seed=1)
+    for image, meta in (next(rows) for _ in range(20)):
+        assert all(f"{meta['size']} " in c and f"on {'an' if meta['background'][0] in 'aeiou' else 'a'} "
+                   f"{meta['background']} background" in c for c in meta["text"])
+        x0, y0, x1, y1 = meta["box"]
+        corner = image.getpixel((0, 0)) if x0 > 0 or y0 > 0 else image.getpixel((31, 31))
+        colour = {**emoji_data.BACKGROUND_COLOURS}[meta["background"]]
+        assert corner == colour
+
+
+def test_missing_font_names_the_package(monkeypatch):
+    monkeypatch.setattr(emoji_data, "FONT_CANDIDATES", ())
+    monkeypatch.setattr(emoji_data.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="fonts-noto-color-emoji"):
+        emoji_data.find_font()
+    with pytest.raises(ValueError, match="background must be 'random' or one of"):
+        next(emoji_data.render_emoji_set(background="plaid"))
+
+
+# Loader ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    write_imagefolder(out, shapes_rows(12, 32, seed=0))
+    return out
+
+
+def test_imagefolder_loads_with_plain_datasets(shapes_dir):
+    ds = datasets.load_dataset("imagefolder", data_dir=str(shapes_dir), split="train")
+    assert len(ds) == 12 and ds[0]["image"].size == (32, 32) and isinstance(ds[0]["text"], list)
+    assert ds[0]["scene"]["objects"][0]["shape"] in SHAPES
+
+
+def test_loader_gives_pixels_in_minus_one_one_and_a_caption(shapes_dir):
+    ds = ImageCaptionDataset(open_dataset(shapes_dir), resolution=16)
+    batch = collate([ds[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["skipped"] == 0
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    assert batch["pixel_values"].min() < -0.5 or batch["pixel_values"].max() > 0.5
+    meta = [json.loads(line) for line in (shapes_dir / "metadata.jsonl").read_text().splitlines()]
+    assert all(c in m["text"] for c, m in zip(batch["captions"], meta))
+
+
+def test_several_captions_are_drawn_at_random(shapes_dir):
+    ds = ImageCaptionDataset(open_dataset(shapes_dir), resolution=16)
+    torch.manual_seed(0)
+    seen = {ds.caption(0) for _ in range(100)}
+    assert seen == set(ds.captions[0])
+
+
+def test_save_to_disk_folders_load_too(shapes_dir, tmp_path):
+    ds = open_dataset(shapes_dir).rename_column("text", "caption")
+    ds.save_to_disk(tmp_path / "flat")
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(tmp_path / "dict")
+    assert len(ImageCaptionDataset(open_dataset(tmp_path / "flat"), resolution=16)) == 12
+    assert len(open_dataset(tmp_path / "dict", split="test")) == 2
+    with pytest.raises(ValueError, match=r"split 'valid' is not in .*; its splits are \['test', 'train'\]"):
+        open_dataset(tmp_path / "dict", split="valid")
+
+
+def test_bad_columns_list_the_available_ones(shapes_dir):
+    ds = open_dataset(shapes_dir)
+    with pytest.raises(ValueError, match=r"caption_column 'prompt_text' is not a column .* \['image', 'text', 'scene'\]"):
+        ImageCaptionDataset(ds, resolution=16, caption_column="prompt_text")
+    with pytest.raises(ValueError, match=r"image_column 'photo' is not a column"):
+        ImageCaptionDataset(ds, resolution=16, image_column="photo")
+
+
+def test_missing_caption_names_the_row_and_empty_caption_is_allowed(tmp_path):
+    rows = [(Image.new("RGB", (8, 8)), {"text": "a"}), (Image.new("RGB", (8, 8)), {"text": ""})]
+    write_imagefolder(tmp_path / "ok", rows)
+    assert ImageCaptionDataset(open_dataset(tmp_path / "ok"), resolution=8)[1]["caption"] == ""
+    rows.append((Image.new("RGB", (8, 8)), {"text": None}))
+    write_imagefolder(tmp_path / "bad", rows)
+    with pytest.raises(ValueError, match="row 2 has no caption in column 'text'"):
+        ImageCaptionDataset(open_dataset(tmp_path / "bad"), resolution=8)
+
+
+def test_a_corrupt_image_is_skipped_and_counted(shapes_dir, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(shapes_dir, folder)
+    (folder / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image needs")
+    ds = ImageCaptionDataset(open_dataset(folder), resolution=16)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
+    with caplog.at_level("WARNING", logger="latentdiff"):
+        batches = list(loader)
+    assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["captions"]) for b in batches) == 11
+    assert ds.unreadable == {3} and "row 3" in caplog.text
+
+
+def test_crop_and_flip():
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 20))  # blue left quarter
+    centre = preprocess(wide, 20)
+    assert centre.shape == (3, 20, 20) and (centre[2, :, 0] < 0).all()  # centre crop drops the blue quarter
+    torch.manual_seed(0)
+    crops = {bool(preprocess(wide, 20, random_crop=True)[2, 0, 0] > 0) for _ in range(30)}
+    assert crops == {True, False}
+    asymmetric = Image.new("RGB", (20, 20), (0, 0, 0))
+    asymmetric.paste((255, 255, 255), (0, 0, 10, 20))
+    assert all(preprocess(asymmetric, 20)[0, 0, 0] == 1 for _ in range(10)), "no flip unless asked"
+    flips = {float(preprocess(asymmetric, 20, flip=True)[0, 0, 0]) for _ in range(30)}
+    assert flips == {1.0, -1.0}
+
+
+# CLI -------------------------------------------------------------------------------------------------------------
+
+def test_data_commands(tmp_path, capsys):
+    assert main(["data", "shapes", "--n", "5", "--size", "32", "--out", str(tmp_path / "s")]) == 0
+    assert "wrote 5 shapes scenes (32x32)" in capsys.readouterr().out
+    assert main(["data", "shapes", "--n", "5", "--out", str(tmp_path / "s")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "emoji", "--out", str(tmp_path / "e"), "--font", str(tmp_path / "missing.ttf")]) == 2
+    assert "font must be an existing font file" in capsys.readouterr().err
