@@ -1,0 +1,155 @@
+"""The one image–caption loader every training script uses.
+
+Sources: an imagefolder (images + metadata.jsonl/csv), a `datasets.save_to_disk` folder, or a hub data set name
+(online only). Columns are found by name (`image`/`img`, `text`/`caption`/`captions`/`prompt`) or given.
+A caption may be a string or a list of strings (one is picked at random each time the image is drawn); an empty
+string is the unconditional caption; a missing one is an error that names the row. Images are decoded here, not
+by `datasets`, so that an unreadable file is skipped and counted instead of stopping training.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+IMAGE_COLUMNS = ("image", "img", "images", "pixel_values")
+CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "sentence")
+UNREADABLE = (OSError, ValueError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_dataset(source: str | Path, split: str = "train") -> datasets.Dataset:
+    """A `datasets.Dataset` from an imagefolder, a save_to_disk folder, or (online) a hub data set name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"split {split!r} is not in {source}; its splits are {sorted(loaded)}")
+                loaded = loaded[split]
+            return loaded
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    if path.exists():
+        raise ValueError(f"data must be a folder or a data set name, got the file {str(source)!r}")
+    try:
+        return datasets.load_dataset(str(source), split=split)
+    except Exception as error:  # not a folder, and not reachable as a hub name: say both
+        raise ValueError(f"data {str(source)!r} is neither a local folder nor a data set that could be loaded "
+                         f"({type(error).__name__}: {error})") from error
+
+
+def resolve_columns(dataset: datasets.Dataset, image_column: str | None = None,
+                    caption_column: str | None = None) -> tuple[str, str]:
+    """The image and caption column names, checked; defaults are found by their usual names."""
+    columns = list(dataset.column_names)
+
+    def pick(given, candidates, what):
+        if given is not None:
+            if given not in columns:
+                raise ValueError(f"{what}_column {given!r} is not a column of this data set; its columns are {columns}")
+            return given
+        found = next((c for c in candidates if c in columns), None)
+        if what == "image" and found is None:
+            found = next((c for c, f in dataset.features.items() if isinstance(f, datasets.Image)), None)
+        if found is None:
+            raise ValueError(f"no {what} column found (looked for {list(candidates)}); pass --{what}-column, "
+                             f"one of {columns}")
+        return found
+
+    return pick(image_column, IMAGE_COLUMNS, "image"), pick(caption_column, CAPTION_COLUMNS, "caption")
+
+
+def preprocess(image: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, crop a square (centre or random), optionally mirror, scale to [−1, 1].
+
+    Returns (3, resolution, resolution) float32.
+    """
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                         Image.BICUBIC, reducing_gap=3.0)
+    dx, dy = image.width - resolution, image.height - resolution
+    if random_crop:
+        x, y = int(torch.randint(dx + 1, ())), int(torch.randint(dy + 1, ()))
+    else:
+        x, y = dx // 2, dy // 2
+    image = image.crop((x, y, x + resolution, y + resolution))
+    if flip and torch.rand(()) < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [−1, 1]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Items {"pixel_values": (3, R, R) in [−1, 1], "caption": str, "index": int}, or None for an unreadable image.
+
+    Use `collate` as the DataLoader's collate_fn: it drops the None items and counts them in "skipped".
+    `random_flip` is off by default because captions say "on the left"/"left of".
+    """
+
+    def __init__(self, dataset: datasets.Dataset, resolution: int, image_column: str | None = None,
+                 caption_column: str | None = None, random_crop: bool = False, random_flip: bool = False):
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        self.image_column, self.caption_column = resolve_columns(dataset, image_column, caption_column)
+        if isinstance(dataset.features[self.image_column], datasets.Image):
+            dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        self.dataset, self.resolution = dataset, resolution
+        self.random_crop, self.random_flip = random_crop, random_flip
+        self.captions = dataset[self.caption_column]
+        for row, caption in enumerate(self.captions):
+            if caption is None or isinstance(caption, list) and (not caption or any(c is None for c in caption)):
+                raise ValueError(f"row {row} has no caption in column {self.caption_column!r} (an empty string is "
+                                 "the unconditional caption and is allowed; a missing caption is not)")
+        self.unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def caption(self, index: int) -> str:
+        caption = self.captions[index]
+        if isinstance(caption, str):
+            return caption
+        return caption[int(torch.randint(len(caption), ()))]
+
+    def load_image(self, index: int) -> Image.Image | None:
+        value = self.dataset[index][self.image_column]
+        try:
+            if isinstance(value, Image.Image):
+                image = value
+            elif isinstance(value, dict):
+                image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+            else:
+                image = Image.open(value)
+            image.load()
+            return image
+        except UNREADABLE as error:
+            if index not in self.unreadable:
+                logger.warning("skipping unreadable image at row %d: %s", index, error)
+            self.unreadable.add(index)
+            return None
+
+    def __getitem__(self, index: int) -> dict | None:
+        image = self.load_image(index)
+        if image is None:
+            return None
+        return {"pixel_values": preprocess(image, self.resolution, self.random_crop, self.random_flip),
+                "caption": self.caption(index), "index": index}
+
+
+def collate(items: list[dict | None]) -> dict:
+    """Stack the readable items; "skipped" counts the unreadable ones in this batch."""
+    good = [item for item in items if item is not None]
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in good]) if good else torch.empty(0),
+        "captions": [item["caption"] for item in good],
+        "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
+        "skipped": len(items) - len(good),
+    }
