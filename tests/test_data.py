@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from collections import Counter
 
 import datasets
@@ -14,7 +15,7 @@ from latentdiff.cli import main
 from latentdiff.data import emoji as emoji_data
 from latentdiff.data.imagefolder import write_imagefolder
 from latentdiff.data.loader import ImageCaptionDataset, collate, open_dataset, preprocess
-from latentdiff.data.oracle import read_scene, relation_between
+from latentdiff.data.oracle import read_scene, relation_between, robustness
 from latentdiff.data.shapes import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, sample_scene, shapes_rows)
 
 
@@ -66,6 +67,23 @@ def test_any_square_size_from_16_to_512(size):
     assert image.size == (size, size) and meta["scene"]["objects"]
 
 
+@pytest.mark.parametrize("size", [16, 20, 24, 32, 40, 48])
+def test_small_sizes_place_every_object_apart_and_inside(size):
+    """Placement ends for every scene (it once could loop forever at ≤ 32 px) and never overlaps or spills."""
+    for _, meta in _rows(1500, size=size):
+        boxes = [o["box"] for o in meta["scene"]["objects"]]
+        assert all(0 <= x0 <= x1 < size and 0 <= y0 <= y1 < size for x0, y0, x1, y1 in boxes)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1], (a, b)
+
+
+def test_captions_are_spelled_right():
+    text = " ".join(c for _, meta in _rows(600) for c in meta["text"])
+    assert "crosss" not in text and " a orange" not in text and " a a" not in text
+    assert "crosses" in text and "to the left of" in text and "an orange" in text
+
+
 @pytest.mark.parametrize("n,size,message", [(0, 64, "n must be a positive integer"),
                                             (5, 15, "size must be an integer from 16 to 512, got 15"),
                                             (5, 513, "size must be an integer from 16 to 512, got 513")])
@@ -96,6 +114,28 @@ def test_oracle_reads_back_500_scenes():
     accuracy = {k: v / 500 for k, v in hits.items()}
     assert min(accuracy.values()) >= 0.99, accuracy
     assert np.mean(relations) >= 0.99
+
+
+@pytest.mark.parametrize("damage", ["blur", "jpeg", "antialias"])
+def test_oracle_reads_blurred_and_antialiased_scenes(damage):
+    """Generated images are soft: at 64 px the oracle must still count, colour and place objects, and mostly
+    name their shapes (per scene, all objects right)."""
+    accuracy = robustness(150, 64, damage)
+    assert accuracy["count"] >= 0.98 and accuracy["colour"] >= 0.98 and accuracy["position"] >= 0.95, accuracy
+    assert accuracy["shape"] >= 0.9, accuracy
+
+
+def test_oracle_splits_touching_objects_of_different_colours():
+    image = Image.new("RGB", (64, 64), BACKGROUNDS["white"])
+    from PIL import ImageDraw
+
+    from latentdiff.data.shapes import draw_shape
+
+    draw = ImageDraw.Draw(image)
+    draw_shape(draw, "square", (10, 20, 29, 39), COLOURS["red"])
+    draw_shape(draw, "circle", (30, 20, 49, 39), COLOURS["blue"])  # touching the square
+    read = read_scene(image.filter(__import__("PIL.ImageFilter", fromlist=["x"]).GaussianBlur(0.7)))
+    assert sorted((o.colour, o.shape) for o in read.objects) == [("blue", "circle"), ("red", "square")]
 
 
 def test_oracle_sees_nothing_on_an_empty_background_and_tolerates_noise():
@@ -145,6 +185,14 @@ def test_emoji_options_are_stated_in_the_captions():
         corner = image.getpixel((0, 0)) if x0 > 0 or y0 > 0 else image.getpixel((31, 31))
         colour = {**emoji_data.BACKGROUND_COLOURS}[meta["background"]]
         assert corner == colour
+
+
+def test_emoji_flags_and_articles():
+    entries = {e.emoji: e for e in emoji_data.emoji_entries()}
+    assert entries["🏴‍☠️"].is_flag is False and emoji_data.captions(entries["🏴‍☠️"])[0] == "a pirate flag"
+    assert entries["🏴󠁧󠁢󠁥󠁮󠁧󠁿"].is_flag and emoji_data.captions(entries["🏴󠁧󠁢󠁥󠁮󠁧󠁿"])[0] == "flag of England"
+    assert emoji_data.captions(entries["🚌"])[0] == "a bus" and emoji_data.captions(entries["🐙"])[0] == "an octopus"
+    assert emoji_data.captions(entries["🎎"])[0] == "Japanese dolls"
 
 
 def test_missing_font_names_the_package(monkeypatch):
@@ -228,6 +276,49 @@ def test_a_corrupt_image_is_skipped_and_counted(shapes_dir, tmp_path, caplog):
         batches = list(loader)
     assert sum(b["skipped"] for b in batches) == 1 and sum(len(b["captions"]) for b in batches) == 11
     assert ds.unreadable == {3} and "row 3" in caplog.text
+    worker_batches = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2))
+    assert sum(b["skipped"] for b in worker_batches) == 1, "the per-batch count is right with workers too"
+    assert collate([None, None])["pixel_values"].shape == (0, 3, 0, 0)
+
+
+def test_non_rgb_images_are_converted_faithfully():
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert torch.equal(preprocess(transparent, 8), torch.ones(3, 8, 8)), "transparency is composited over white"
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 3000, dtype=np.uint16)).save(buffer, "PNG")
+    grey16 = Image.open(io.BytesIO(buffer.getvalue()))
+    assert grey16.mode == "I;16"
+    assert preprocess(grey16, 8)[0, 0, 0].item() == pytest.approx(3000 / 65535 * 2 - 1, abs=0.01)
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([255, 0, 0] * 256)
+    assert torch.allclose(preprocess(palette, 8)[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_writer_replaces_only_data_sets_and_cleans_up(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="has files but no metadata.jsonl"):
+        write_imagefolder(keep, shapes_rows(2), overwrite=True)
+    assert (keep / "notes.txt").exists()
+    with pytest.raises(ValueError, match="size must be an integer from 16 to 512"):
+        write_imagefolder(tmp_path / "big", shapes_rows(2, 513))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="out must be a folder, got the file"):
+        write_imagefolder(tmp_path / "file", shapes_rows(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "keep"], "no partial folders are left behind"
+    write_imagefolder(tmp_path / "set", shapes_rows(2))
+    assert write_imagefolder(tmp_path / "set", shapes_rows(3), overwrite=True) == 3
+    assert len((tmp_path / "set" / "metadata.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match="data folder 'data/shapse' does not exist"):
+        open_dataset("data/shapse")
 
 
 def test_crop_and_flip():
@@ -252,5 +343,9 @@ def test_data_commands(tmp_path, capsys):
     assert "wrote 5 shapes scenes (32x32)" in capsys.readouterr().out
     assert main(["data", "shapes", "--n", "5", "--out", str(tmp_path / "s")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    if any(__import__("pathlib").Path(f).is_file() for f in emoji_data.FONT_CANDIDATES):
+        assert main(["data", "emoji", "--size", "16", "--out", str(tmp_path / "e16")]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"wrote \d{4} emoji images \(16x16\) .*; skipped \d+ emoji sequences", out), out
     assert main(["data", "emoji", "--out", str(tmp_path / "e"), "--font", str(tmp_path / "missing.ttf")]) == 2
     assert "font must be an existing font file" in capsys.readouterr().err

@@ -75,7 +75,8 @@ def emoji_entries() -> list[EmojiEntry]:
         if data.get("status") != emoji_package.STATUS["fully_qualified"]:
             continue
         name = _SKIN_TONE.sub(r", \1 skin tone", _phrase(data["en"]))
-        is_flag = all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in text) or (text[0] == "🏴" and len(text) > 2)
+        is_flag = all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in text) or (  # regional-indicator pairs, or
+            text[0] == "🏴" and len(text) > 2 and all(0xE0020 <= ord(c) <= 0xE007F for c in text[1:]))  # tag flags
         phrases = [name]
         for alias in data.get("alias", []):
             alias = _phrase(alias)
@@ -86,9 +87,17 @@ def emoji_entries() -> list[EmojiEntry]:
     return entries
 
 
+SINGULAR_S = {"bus", "octopus", "cactus", "lotus", "hippopotamus", "minus", "plus", "tennis", "abacus", "compass",
+              "dress", "kiss", "lacrosse", "chess", "circus", "mantis", "bonus", "grass", "glass", "cross"}
+
+
 def _with_article(phrase: str) -> str:
-    if phrase[:1].isupper() or phrase.endswith("s") and not phrase.endswith("ss"):
-        return phrase  # proper names ("Tokyo tower") and plurals ("Japanese dolls") take none
+    """"a tiger", but "Tokyo tower" (a proper name), "Japanese dolls" and "people holding hands, …" (plurals)."""
+    head = phrase.split(",")[0].split(" (")[0]
+    last = head.split()[-1]
+    if head[:1].isupper() or head.split()[0] in ("people", "men", "women") or \
+            last.endswith("s") and last not in SINGULAR_S and not last.endswith("ss"):
+        return phrase
     return a(phrase)
 
 

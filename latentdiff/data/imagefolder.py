@@ -19,21 +19,32 @@ def write_imagefolder(out_dir: str | Path, rows: Iterable[tuple[Image.Image, dic
 
     Each metadata dict must hold `text` (a caption or a list of captions); `file_name` is added.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out must be a folder, got the file {str(out_dir)!r}")
     if out.exists() and any(out.iterdir()):
+        if not (out / "metadata.jsonl").is_file():
+            raise ValueError(f"out must be a new or empty folder, or a data set to replace, got {str(out_dir)!r}, "
+                             "which has files but no metadata.jsonl")
         if not overwrite:
-            raise ValueError(f"out must be a new or empty folder, got {str(out_dir)!r}, which has files "
-                             "(pass overwrite=True / --overwrite to replace it)")
+            raise ValueError(f"out {str(out_dir)!r} already holds a data set (pass overwrite=True / --overwrite "
+                             "to replace it)")
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    count = 0
-    with open(staging / "metadata.jsonl", "w", encoding="utf-8") as index:
-        for count, (image, meta) in enumerate(rows, start=1):
-            name = f"{count - 1:06d}.png"
-            image.save(staging / name, optimize=False)
-            index.write(json.dumps({"file_name": name, **meta}, ensure_ascii=False) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return count
+    try:
+        count = 0
+        with open(staging / "metadata.jsonl", "w", encoding="utf-8") as index:
+            for count, (image, meta) in enumerate(rows, start=1):
+                name = f"{count - 1:06d}.png"
+                image.save(staging / name, optimize=False)
+                index.write(json.dumps({"file_name": name, **meta}, ensure_ascii=False) + "\n")
+        if out.exists():
+            out.rename(old := out.with_name(f".{out.name}.old"))
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+        return count
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -38,6 +39,12 @@ def open_dataset(source: str | Path, split: str = "train") -> datasets.Dataset:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     if path.exists():
         raise ValueError(f"data must be a folder or a data set name, got the file {str(source)!r}")
+    if path.is_absolute() or str(source).startswith((".", "~")) or len(path.parts) > 2 or path.parent.is_dir() \
+            and str(path.parent) != ".":
+        raise ValueError(f"data folder {str(source)!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise ValueError(f"data {str(source)!r} is not a local folder, and hub data sets cannot be loaded offline "
+                         "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)")
     try:
         return datasets.load_dataset(str(source), split=split)
     except Exception as error:  # not a folder, and not reachable as a hub name: say both
@@ -66,12 +73,24 @@ def resolve_columns(dataset: datasets.Dataset, image_column: str | None = None,
     return pick(image_column, IMAGE_COLUMNS, "image"), pick(caption_column, CAPTION_COLUMNS, "caption")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: transparency composited over white, 16/32-bit greyscale scaled down rather than clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or image.mode == "P" and "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def preprocess(image: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False) -> torch.Tensor:
     """Resize the shorter side to `resolution`, crop a square (centre or random), optionally mirror, scale to [−1, 1].
 
     Returns (3, resolution, resolution) float32.
     """
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    image = to_rgb(ImageOps.exif_transpose(image))
     scale = resolution / min(image.size)
     image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
                          Image.BICUBIC, reducing_gap=3.0)
@@ -90,7 +109,8 @@ def preprocess(image: Image.Image, resolution: int, random_crop: bool = False, f
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Items {"pixel_values": (3, R, R) in [−1, 1], "caption": str, "index": int}, or None for an unreadable image.
 
-    Use `collate` as the DataLoader's collate_fn: it drops the None items and counts them in "skipped".
+    Use `collate` as the DataLoader's collate_fn: it drops the None items and counts them in "skipped"; the
+    training loop adds those up (with DataLoader workers, `unreadable` only sees this process's own reads).
     `random_flip` is off by default because captions say "on the left"/"left of".
     """
 
@@ -119,7 +139,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return caption
         return caption[int(torch.randint(len(caption), ()))]
 
-    def load_image(self, index: int) -> Image.Image | None:
+    def pixels(self, index: int) -> torch.Tensor | None:
+        """The preprocessed image at `index`, or None (logged once) when it cannot be read or decoded."""
         value = self.dataset[index][self.image_column]
         try:
             if isinstance(value, Image.Image):
@@ -129,7 +150,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             else:
                 image = Image.open(value)
             image.load()
-            return image
+            return preprocess(image, self.resolution, self.random_crop, self.random_flip)
         except UNREADABLE as error:
             if index not in self.unreadable:
                 logger.warning("skipping unreadable image at row %d: %s", index, error)
@@ -137,18 +158,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return None
 
     def __getitem__(self, index: int) -> dict | None:
-        image = self.load_image(index)
-        if image is None:
+        pixels = self.pixels(index)
+        if pixels is None:
             return None
-        return {"pixel_values": preprocess(image, self.resolution, self.random_crop, self.random_flip),
-                "caption": self.caption(index), "index": index}
+        return {"pixel_values": pixels, "caption": self.caption(index), "index": index}
 
 
 def collate(items: list[dict | None]) -> dict:
-    """Stack the readable items; "skipped" counts the unreadable ones in this batch."""
+    """Stack the readable items; "skipped" counts the unreadable ones in this batch (which may be all of them:
+    then "pixel_values" has 0 rows)."""
     good = [item for item in items if item is not None]
     return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in good]) if good else torch.empty(0),
+        "pixel_values": torch.stack([item["pixel_values"] for item in good]) if good else torch.empty(0, 3, 0, 0),
         "captions": [item["caption"] for item in good],
         "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
         "skipped": len(items) - len(good),

@@ -30,6 +30,7 @@ POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at t
 RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}  # and its inverse
 RELATION_PHRASES = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+PLURALS = {"cross": "crosses"}  # every other shape takes "s"
 TASKS = ("single", "count", "relation")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 512
 
@@ -114,8 +115,9 @@ class Scene:
                     f"{where}, {a(f'{o.size} {o.colour} {o.shape}')}", f"{a(f'{o.size} {o.shape}')} in {o.colour} {where}"]
         if self.task == "count":
             o, n = self.objects[0], len(self.objects)
-            return [f"{NUMBERS[n]} {o.colour} {o.shape}s", f"{NUMBERS[n]} {o.colour} {o.shape}s {bg}",
-                    f"{n} {o.colour} {o.shape}s", f"a picture of {NUMBERS[n]} {o.colour} {o.shape}s"]
+            shapes = PLURALS.get(o.shape, o.shape + "s")
+            return [f"{NUMBERS[n]} {o.colour} {shapes}", f"{NUMBERS[n]} {o.colour} {shapes} {bg}",
+                    f"{n} {o.colour} {shapes}", f"a picture of {NUMBERS[n]} {o.colour} {shapes}"]
         first, second = (a(f"{o.colour} {o.shape}") for o in self.objects)
         forward, backward = RELATION_PHRASES[self.relation], RELATION_PHRASES[RELATIONS[self.relation]]
         return [f"{first} {forward} {second}", f"{second} {backward} {first}", f"{first} {forward} {second} {bg}"]
@@ -139,9 +141,18 @@ def _box(cx: float, cy: float, size: str, image_size: int) -> tuple[int, int, in
     return (x0, y0, x0 + side - 1, y0 + side - 1)
 
 
-def _apart(box, others, gap: int) -> bool:
-    return all(box[2] + gap < o[0] or o[2] + gap < box[0] or box[3] + gap < o[1] or o[3] + gap < box[1]
-               for o in others)
+def _boxes_in_cells(rng: random.Random, n: int, size: str, image_size: int) -> list[tuple[int, int, int, int]]:
+    """n boxes in n distinct cells of a 3 × 3 grid, each jittered inside its cell with a gap of ≥ 1 px (≥ 2 px from
+    48 px up) to the cell's edge, so they never touch; a box larger than its cell allows is shrunk to fit."""
+    edges = [round(k * image_size / 3) for k in range(4)]
+    gap = 1 if image_size < 48 else 2
+    boxes = []
+    for cell in rng.sample(range(9), n):
+        (x0, x1), (y0, y1) = [(edges[i] + gap, edges[i + 1] - 1 - gap) for i in (cell % 3, cell // 3)]
+        side = max(1, min(round(SIZES[size] * image_size), x1 - x0 + 1, y1 - y0 + 1))
+        x, y = rng.randint(x0, x1 - side + 1), rng.randint(y0, y1 - side + 1)
+        boxes.append((x, y, x + side - 1, y + side - 1))
+    return boxes
 
 
 def sample_scene(rng: random.Random, image_size: int, task: str | None = None) -> Scene:
@@ -156,12 +167,9 @@ def sample_scene(rng: random.Random, image_size: int, task: str | None = None) -
         scene.objects.append(SceneObject(shape, colour, size, position, box))
     elif task == "count":
         shape, colour, size = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(["small", "medium"])
-        n, boxes = rng.choice([2, 3]), []
-        while len(boxes) < n:  # rejection sampling; 3 medium boxes always fit, so this ends quickly
-            box = _box(rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85), size, image_size)
-            if _apart(box, boxes, gap=max(2, image_size // 32)):
-                boxes.append(box)
-        scene.objects += [SceneObject(shape, colour, size, position_of(b, image_size), b) for b in boxes]
+        boxes = _boxes_in_cells(rng, rng.choice([2, 3]), size, image_size)
+        scene.objects += [SceneObject(shape, colour, size_of(b, image_size), position_of(b, image_size), b)
+                          for b in boxes]
     else:
         relation = rng.choice(list(RELATIONS))
         colour_a, colour_b = rng.sample(list(COLOURS), 2)
