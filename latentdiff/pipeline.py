@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -26,12 +27,12 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Latent diffusion (Rombach et al. 2022) conditioned on a CLIP text encoder, with classifier-free guidance.
 
     The five components are those of a Stable Diffusion pipeline, so folders move between this class and
     diffusers' `StableDiffusionPipeline` in both directions; `clip` is the full CLIP the text encoder came from,
-    kept for evaluation (CLIP score) and saved as `clip/`.
+    kept for evaluation (CLIP score) and saved as `clip/`. LoRA weights load with `pipe.load_lora_weights(dir)`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"

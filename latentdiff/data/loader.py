@@ -85,10 +85,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(image: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False) -> torch.Tensor:
+def preprocess(image: Image.Image, resolution: int, random_crop: bool = False, flip: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Resize the shorter side to `resolution`, crop a square (centre or random), optionally mirror, scale to [−1, 1].
 
-    Returns (3, resolution, resolution) float32.
+    Returns (3, resolution, resolution) float32. Random choices come from `generator` (default: torch's global one).
     """
     image = to_rgb(ImageOps.exif_transpose(image))
     scale = resolution / min(image.size)
@@ -96,11 +97,11 @@ def preprocess(image: Image.Image, resolution: int, random_crop: bool = False, f
                          Image.BICUBIC, reducing_gap=3.0)
     dx, dy = image.width - resolution, image.height - resolution
     if random_crop:
-        x, y = int(torch.randint(dx + 1, ())), int(torch.randint(dy + 1, ()))
+        x, y = int(torch.randint(dx + 1, (), generator=generator)), int(torch.randint(dy + 1, (), generator=generator))
     else:
         x, y = dx // 2, dy // 2
     image = image.crop((x, y, x + resolution, y + resolution))
-    if flip and torch.rand(()) < 0.5:
+    if flip and torch.rand((), generator=generator) < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [−1, 1]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -112,10 +113,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Use `collate` as the DataLoader's collate_fn: it drops the None items and counts them in "skipped"; the
     training loop adds those up (with DataLoader workers, `unreadable` only sees this process's own reads).
     `random_flip` is off by default because captions say "on the left"/"left of".
+    The caption drawn and the crop and flip of row i in epoch e depend on (seed, e, i) alone, never on torch's
+    global RNG: the same in every process, with any number of workers, and after a resume.
     """
 
     def __init__(self, dataset: datasets.Dataset, resolution: int, image_column: str | None = None,
-                 caption_column: str | None = None, random_crop: bool = False, random_flip: bool = False):
+                 caption_column: str | None = None, random_crop: bool = False, random_flip: bool = False,
+                 seed: int = 0):
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
         self.image_column, self.caption_column = resolve_columns(dataset, image_column, caption_column)
@@ -129,15 +133,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 raise ValueError(f"row {row} has no caption in column {self.caption_column!r} (an empty string is "
                                  "the unconditional caption and is allowed; a missing caption is not)")
         self.unreadable: set[int] = set()
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self, index: int) -> torch.Generator:
+        return item_generator(self.seed, self.epoch, index)
 
     def caption(self, index: int) -> str:
         caption = self.captions[index]
         if isinstance(caption, str):
             return caption
-        return caption[int(torch.randint(len(caption), ()))]
+        return caption[int(torch.randint(len(caption), (), generator=self.generator(index)))]
 
     def pixels(self, index: int) -> torch.Tensor | None:
         """The preprocessed image at `index`, or None (logged once) when it cannot be read or decoded."""
@@ -150,7 +161,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             else:
                 image = Image.open(value)
             image.load()
-            return preprocess(image, self.resolution, self.random_crop, self.random_flip)
+            generator = self.generator(index)
+            generator.manual_seed(generator.initial_seed() + 1)  # crop and flip: a stream apart from the caption's
+            return preprocess(image, self.resolution, self.random_crop, self.random_flip, generator)
         except UNREADABLE as error:
             if index not in self.unreadable:
                 logger.warning("skipping unreadable image at row %d: %s", index, error)
@@ -162,6 +175,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if pixels is None:
             return None
         return {"pixel_values": pixels, "caption": self.caption(index), "index": index}
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator for one row in one epoch: reproducible without any shared RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index * 2 & (2**62 - 1))
 
 
 def collate(items: list[dict | None]) -> dict:

@@ -1,0 +1,149 @@
+"""Stage 1: a BPE tokenizer and a CLIP (text + image towers) trained from scratch with the symmetric contrastive
+loss (Radford et al. 2021), correct across processes through open_clip's `ClipLoss` (features gathered with
+their gradients, so N processes give the gradient of one process on the global batch).
+
+    python training/train_clip.py --data data/shapes --preset small --output-dir runs/clip --model-dir runs/model
+
+Writes MODEL_DIR/tokenizer, MODEL_DIR/text_encoder (the text tower as a CLIPTextModel) and MODEL_DIR/clip (the
+whole CLIPModel with its tokenizer and image-processor config, ready to judge). Images enter the CLIP as the
+loader gives them, in [−1, 1]; the saved image-processor config (mean = std = 0.5) does the same mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from . import trainer
+from .models import build_clip, load_preset, text_encoder_from_clip
+from .tokenizer import train_tokenizer
+
+MAX_LOGIT_SCALE = math.log(100)  # the temperature 1/τ is clamped at 100 (Radford et al. 2021, §2.5)
+
+
+def _features(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 4 / 5
+
+
+def embed_images(clip: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unit-norm image embeddings (B, P) for images in [−1, 1] at the vision tower's resolution."""
+    return F.normalize(_features(clip.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+
+
+def embed_texts(clip: CLIPModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Unit-norm text embeddings (B, P)."""
+    return F.normalize(_features(clip.get_text_features(input_ids=input_ids)).float(), dim=-1)
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device=None) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def contrastive_loss(accelerator):
+    """open_clip's ClipLoss, gathering features with gradients across the processes of `accelerator`."""
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
+                    rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
+@torch.no_grad()
+def retrieval(clip: CLIPModel, tokenizer: CLIPTokenizer, dataset, batch_size: int = 64, device=None) -> dict:
+    """Image→text and text→image top-1/top-5 accuracy over a held-out set, one caption (the first) per image.
+    A retrieved item counts as right when its caption is the query's (identical captions are interchangeable)."""
+    images, captions = [], []
+    for index in range(len(dataset)):
+        pixels = dataset.pixels(index)
+        if pixels is not None:
+            images.append(pixels)
+            caption = dataset.captions[index]
+            captions.append(caption if isinstance(caption, str) else caption[0])
+    image_emb = torch.cat([embed_images(clip, torch.stack(images[i: i + batch_size]).to(device))
+                           for i in range(0, len(images), batch_size)])
+    text_emb = torch.cat([embed_texts(clip, tokenize(tokenizer, captions[i: i + batch_size], device))
+                          for i in range(0, len(captions), batch_size)])
+    similarity = image_emb @ text_emb.T  # (N images, N texts)
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    label = torch.tensor([ids[c] for c in captions], device=similarity.device)
+    result = {"holdout_size": len(captions), "chance_top1": 1 / len(ids)}
+    for name, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        ranked = label[scores.argsort(dim=1, descending=True)]  # caption id of each retrieved item
+        for k in (1, 5):
+            result[f"{name}_top{k}"] = (ranked[:, :k] == label[:, None]).any(1).float().mean().item()
+    return result
+
+
+def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> None:
+    """MODEL_DIR/tokenizer, /text_encoder and /clip (with tokenizer and image-processor config)."""
+    size = clip.config.vision_config.image_size
+    tokenizer.save_pretrained(model_dir / "tokenizer")
+    text_encoder_from_clip(clip).save_pretrained(model_dir / "text_encoder", max_shard_size="15MB")
+    clip.save_pretrained(model_dir / "clip", max_shard_size="15MB")
+    tokenizer.save_pretrained(model_dir / "clip")
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_rescale=True,
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(model_dir / "clip")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="architecture: tiny, small, base or a JSON file")
+    parser.add_argument("--model-dir", default=None, help="where the parts go (default: OUTPUT_DIR/model)")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder to use instead of training one")
+    trainer.add_common_args(parser, lr=5e-4, batch_size=64, max_steps=2000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    trainer.check_args(args)
+    preset = load_preset(args.preset)
+    model_dir = Path(args.model_dir or Path(args.output_dir) / "model")
+    resolution = args.resolution or preset["clip"]["vision_config"]["image_size"]
+    accelerator = trainer.make_accelerator(args, "train_clip")
+    train_set, holdout = trainer.split_dataset(args, resolution)
+
+    # 1. The tokenizer: given, or trained on the training captions (the same on every process: deterministic).
+    if args.tokenizer:
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
+    else:
+        texts = [t for c in train_set.captions for t in ([c] if isinstance(c, str) else c)]
+        tokenizer = train_tokenizer(texts, **preset["tokenizer"])
+    # 2. The CLIP, its optimizer and the loss.
+    clip = build_clip(preset, tokenizer)
+    if args.gradient_checkpointing:
+        clip.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    loader = trainer.make_loader(train_set, args)
+    clip, optimizer, loader, lr_scheduler = accelerator.prepare(clip, optimizer, loader,
+                                                                trainer.make_lr_scheduler(optimizer, args))
+    loss_fn = contrastive_loss(accelerator)
+    raw = accelerator.unwrap_model(clip)
+
+    def step(batch):
+        with torch.no_grad():
+            raw.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        ids = tokenize(tokenizer, batch["captions"], accelerator.device)
+        out = clip(input_ids=ids, pixel_values=batch["pixel_values"])  # image_embeds / text_embeds: unit norm
+        loss = loss_fn(out.image_embeds, out.text_embeds, raw.logit_scale.exp())
+        return loss, {"train/logit_scale": raw.logit_scale.exp().item()}
+
+    progress = trainer.train(accelerator, args, [clip], optimizer, lr_scheduler, loader, step)
+    # 3. Held-out retrieval, then the parts.
+    summary = {"steps": progress.step, "skipped_steps": progress.bad_steps, "skipped_images": progress.skipped_images}
+    if accelerator.is_main_process:
+        raw.eval()
+        if holdout is not None:
+            summary.update(retrieval(raw, tokenizer, holdout, device=accelerator.device))
+            accelerator.log({f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)}, step=progress.step)
+            accelerator.print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
+                                                                   if k.endswith(("top1", "top5"))))
+        save_clip(raw, tokenizer, model_dir)
+        trainer.write_summary(args.output_dir, summary)
+    accelerator.end_training()
+    return summary

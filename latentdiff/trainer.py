@@ -1,0 +1,278 @@
+"""What the three training scripts share: flags, the accelerate set-up, the data split, and the training loop.
+
+The loop gives every script the same behaviour: gradient accumulation, mixed precision, gradient clipping,
+warm-up + cosine/constant learning rate, EMA, a tqdm bar (loss, lr, it/s), tensorboard logs through accelerate's
+trackers, atomic checkpoints of the whole accelerate state (models, optimizer, scheduler, RNG, EMA, step) that a
+later run resumes exactly — the data position included — and non-finite losses skipped and counted (ten in a
+row stop the run). It runs the same on one CPU and under `accelerate launch` on many GPUs.
+
+A checkpoint is accelerate's `save_state` (models as safetensors; optimizer, scheduler and RNG states, which
+accelerate reloads with torch's restricted `weights_only` unpickler) plus our own `progress.json` and EMA weights
+as `ema.safetensors` + `ema.json`, kept out of accelerate's custom-object files, which it unpickles unrestricted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from .data.loader import ImageCaptionDataset, collate, open_dataset
+
+logger = logging.getLogger(__name__)
+MAX_BAD_STEPS_IN_A_ROW = 10
+
+
+def add_common_args(parser: argparse.ArgumentParser, lr: float, batch_size: int, max_steps: int) -> None:
+    """Flags every training script takes (run settings; the architecture comes from a preset or a model folder)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, help="imagefolder, save_to_disk folder, or data set name (online)")
+    group.add_argument("--image-column", default=None)
+    group.add_argument("--caption-column", default=None)
+    group.add_argument("--resolution", type=int, default=None, help="default: the preset's / model's")
+    group.add_argument("--random-crop", action="store_true")
+    group.add_argument("--random-flip", action="store_true", help="off by default: captions say left and right")
+    group.add_argument("--holdout", type=int, default=64, help="images held out for evaluation (default: 64)")
+    group.add_argument("--num-workers", type=int, default=0)
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--max-steps", type=int, default=max_steps, help=f"optimizer steps (default: {max_steps})")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"per process (default: {batch_size})")
+    group.add_argument("--learning-rate", type=float, default=lr)
+    group.add_argument("--lr-scheduler", choices=("cosine", "constant"), default="cosine")
+    group.add_argument("--lr-warmup-steps", type=int, default=100)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--max-grad-norm", type=float, default=1.0)
+    group.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    group.add_argument("--gradient-checkpointing", action="store_true")
+    group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    group.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("run")
+    group.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, samples")
+    group.add_argument("--checkpointing-steps", type=int, default=500)
+    group.add_argument("--checkpoints-total-limit", type=int, default=3)
+    group.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
+    group.add_argument("--report-to", default="tensorboard", help="accelerate tracker, or 'none'")
+    group.add_argument("--log-every", type=int, default=10)
+
+
+def check_args(args) -> None:
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "log_every"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if args.holdout < 0:
+        raise ValueError(f"--holdout must be ≥ 0, got {args.holdout}")
+
+
+def make_accelerator(args, project: str) -> Accelerator:
+    # With no GPU, ask for the CPU explicitly: processes started by `accelerate launch --multi_gpu` (torchrun) then
+    # form a gloo group; a plain Accelerator() in them would each train alone. (accelerate's --cpu flag itself
+    # always starts a single process.)
+    accelerator = Accelerator(
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, "logs"))),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(args.seed)
+    if args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(project, config=config)
+    accelerator.print(f"{project}: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+                      f"{accelerator.device}, mixed precision {accelerator.mixed_precision}")
+    return accelerator
+
+
+def split_dataset(args, resolution: int):
+    """(train, holdout) ImageCaptionDatasets: the last --holdout rows are held out (a fixed, seed-independent split)."""
+    dataset = open_dataset(args.data)
+    holdout = min(args.holdout, len(dataset) // 5)
+    kw = dict(resolution=resolution, image_column=args.image_column, caption_column=args.caption_column)
+    train = ImageCaptionDataset(dataset.select(range(len(dataset) - holdout)), random_crop=args.random_crop,
+                                random_flip=args.random_flip, seed=args.seed, **kw)
+    held = ImageCaptionDataset(dataset.select(range(len(dataset) - holdout, len(dataset))), **kw) if holdout else None
+    return train, held
+
+
+def make_loader(dataset, args, shuffle: bool = True, batch_size: int | None = None, collate_fn=collate):
+    """A DataLoader with its own generator: creating an iterator (each epoch, and once more on resume) then draws
+    no number from the global RNG, so a resumed run sees exactly the noise an uninterrupted one would."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or args.batch_size, shuffle=shuffle,
+                                       collate_fn=collate_fn, num_workers=args.num_workers, drop_last=shuffle,
+                                       generator=torch.Generator().manual_seed(args.seed))
+
+
+def make_lr_scheduler(optimizer, args):
+    from diffusers.optimization import get_scheduler
+
+    name = "cosine" if args.lr_scheduler == "cosine" else "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_steps)
+
+
+class Progress:
+    """The step count and the skipped-step tallies, saved in every checkpoint as progress.json."""
+
+    def __init__(self):
+        self.step, self.bad_steps, self.skipped_images = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, bad_steps=self.bad_steps, skipped_images=self.skipped_images)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bad_steps, self.skipped_images = state["step"], state["bad_steps"], state["skipped_images"]
+
+
+def _save_own_state(folder: Path, progress: Progress, ema) -> None:
+    (folder / "progress.json").write_text(json.dumps(progress.state_dict()))
+    if ema is not None:
+        from safetensors.torch import save_file
+
+        state = ema.state_dict()
+        shadow = state.pop("shadow_params")
+        save_file({f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, folder / "ema.safetensors")
+        (folder / "ema.json").write_text(json.dumps(state))
+
+
+def _load_own_state(folder: Path, progress: Progress, ema) -> None:
+    progress.load_state_dict(json.loads((folder / "progress.json").read_text()))
+    if ema is not None:
+        from safetensors.torch import load_file
+
+        shadow = load_file(folder / "ema.safetensors")
+        state = json.loads((folder / "ema.json").read_text())
+        ema.load_state_dict({**state, "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    folder = Path(output_dir) / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, progress: Progress, ema, total_limit: int) -> None:
+    """The full state, written to a temporary folder and renamed: a killed run never leaves half a checkpoint."""
+    folder = Path(output_dir) / "checkpoints"
+    final, tmp = folder / f"checkpoint-{progress.step}", folder / f".checkpoint-{progress.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_own_state(tmp, progress, ema)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(output_dir)[:-total_limit] if total_limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, args, progress: Progress, ema=None) -> bool:
+    """Load the checkpoint named by --resume-from-checkpoint; False when there is none yet (a fresh start)."""
+    if not args.resume_from_checkpoint:
+        return False
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoints(args.output_dir)
+        if not found:
+            logger.warning("--resume-from-checkpoint latest: no checkpoint in %s yet, starting fresh", args.output_dir)
+            return False
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            raise ValueError(f"--resume-from-checkpoint must be 'latest' or a checkpoint folder, got {str(path)!r}")
+    accelerator.load_state(str(path))
+    _load_own_state(path, progress, ema)
+    accelerator.print(f"resumed from {path} at step {progress.step}")
+    return True
+
+
+def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimizer, lr_scheduler, loader,
+          step_fn: Callable[[dict], tuple[torch.Tensor, dict]], ema=None, on_step: Callable[[int], None] | None = None,
+          progress: Progress | None = None) -> Progress:
+    """Run optimizer steps until --max-steps. `models`, `optimizer`, `lr_scheduler` and `loader` are already
+    prepared; `step_fn(batch) → (loss, logs)`; `ema` (diffusers EMAModel) follows the first model; `on_step(step)`
+    runs after each optimizer step (validation …)."""
+    progress = progress or Progress()
+    resume(accelerator, args, progress, ema)
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set: no full batch to train on")
+    micro = progress.step * args.gradient_accumulation_steps  # micro-batches already consumed
+    epoch, skip = divmod(micro, per_epoch)
+    bar = tqdm(total=args.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
+               desc=Path(args.output_dir).name, dynamic_ncols=True)
+    bad_in_a_row, running = 0, []
+    while progress.step < args.max_steps:
+        loader.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # caption, crop and flip draws depend on the epoch
+            loader.dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in batches:
+            progress.skipped_images += int(batch["skipped"])
+            with accelerator.accumulate(*models):
+                loss, logs = step_fn(batch)
+                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], args.max_grad_norm)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                progress.bad_steps += 1
+                bad_in_a_row += 1
+                accelerator.print(f"step {progress.step}: non-finite loss, skipped ({progress.bad_steps} so far)")
+                if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+                    raise RuntimeError(f"stopping: the loss was NaN or infinite {bad_in_a_row} times in a row at "
+                                       f"step {progress.step}; lower --learning-rate or check the data "
+                                       f"(last good checkpoint: {checkpoints(args.output_dir)[-1:] or 'none'})")
+                continue
+            bad_in_a_row = 0
+            running.append(loss.detach().float().item())
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(models[0]).parameters())
+            progress.step += 1
+            bar.update(1)
+            mean_loss = sum(running) / len(running)
+            running.clear()
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if progress.step % args.log_every == 0 or progress.step == args.max_steps:
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], **logs},
+                                step=progress.step)
+            if progress.step % args.checkpointing_steps == 0 or progress.step == args.max_steps:
+                save_checkpoint(accelerator, args.output_dir, progress, ema, args.checkpoints_total_limit)
+            if on_step is not None:
+                on_step(progress.step)
+            if progress.step >= args.max_steps:
+                break
+        epoch += 1
+    bar.close()
+    if progress.skipped_images:
+        accelerator.print(f"skipped {progress.skipped_images} unreadable images")
+    if progress.bad_steps:
+        accelerator.print(f"skipped {progress.bad_steps} steps with a non-finite loss")
+    return progress
+
+
+def write_summary(output_dir: str | Path, summary: dict) -> None:
+    path = Path(output_dir) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -1,0 +1,314 @@
+"""Stage 3: the U-Net, trained to denoise VAE latents conditioned on the frozen text encoder (LDM, eq. 2), with
+the caption dropped to "" for a fraction of samples so that one network serves classifier-free guidance.
+
+    python training/train_unet.py --data data/emoji --model runs/model --preset small --output-dir runs/unet
+
+--model holds tokenizer/, text_encoder/ and vae/ (and clip/, carried along). Without unet/ in it, the U-Net is
+built from --preset (from scratch); with unet/ it is fine-tuned, fully or through a LoRA of --lora-rank (peft),
+saved as pytorch_lora_weights.safetensors for `pipe.load_lora_weights`. The whole pipeline folder is written to
+--model-dir at the end, with the EMA weights when --use-ema is on.
+--cache-latents encodes the data once (posterior mean and std per image, text hidden states per distinct
+caption) into a safetensors file named by a hash of the VAE, text encoder, tokenizer, data and resolution, so
+it is reused across epochs and runs and never used for another model or data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from . import diffusion, trainer
+from .clip_training import tokenize
+from .data.loader import item_generator
+from .images import image_grid
+from .model_folder import check_weights, load_scheduler
+from .models import build_scheduler, build_unet, load_preset, vae_scale_factor
+from .pipeline import LatentDiffusionPipeline
+from .schedulers import DDIMScheduler, DDPMScheduler
+
+DEFAULT_PROMPTS = ["a red circle", "two blue squares", "a tiger", "a red apple"]
+
+
+# 1. Latent and text-embedding cache -------------------------------------------------------------------------------
+
+def _fingerprint(*modules: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolution: int) -> Path:
+    """Where the cache for exactly this VAE, text encoder, tokenizer, data and resolution lives."""
+    digest = hashlib.sha256()
+    digest.update(_fingerprint(vae, text_encoder).encode())
+    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(f"{dataset.dataset._fingerprint}|{dataset.image_column}|{dataset.caption_column}|{resolution}".encode())
+    return cache_dir / f"latents-{digest.hexdigest()[:24]}.safetensors"
+
+
+@torch.no_grad()
+def build_cache(path: Path, dataset, vae, text_encoder, tokenizer, device, batch_size: int = 32) -> None:
+    """Encode every image (posterior mean, std) and every distinct caption ("" first) once, to `path`."""
+    from safetensors.torch import save_file
+
+    captions = [[c] if isinstance(c, str) else list(c) for c in dataset.captions]
+    texts = list(dict.fromkeys([""] + [t for group in captions for t in group]))
+    text_id = {t: i for i, t in enumerate(texts)}
+    means, stds, keep = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = [(i, dataset.pixels(i)) for i in range(start, min(start + batch_size, len(dataset)))]
+        rows = [(i, p) for i, p in rows if p is not None]
+        if rows:
+            posterior = vae.encode(torch.stack([p for _, p in rows]).to(device)).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
+            keep += [i for i, _ in rows]
+    hidden = torch.cat([text_encoder(tokenize(tokenizer, texts[i: i + batch_size], device))[0].cpu()
+                        for i in range(0, len(texts), batch_size)])
+    ids = [text_id[t] for i in keep for t in captions[i]]
+    offsets = torch.tensor([0] + [len(captions[i]) for i in keep]).cumsum(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "text": hidden.contiguous(),
+               "caption_ids": torch.tensor(ids), "offsets": offsets,
+               "is_list": torch.tensor([not isinstance(dataset.captions[i], str) for i in keep]),
+               "rows": torch.tensor(keep)}, tmp)
+    tmp.rename(path)
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Items {"mean", "std", "text_id"} from a cache file; one caption drawn per item as the image loader does."""
+
+    def __init__(self, path: Path, seed: int = 0):
+        from safetensors.torch import load_file
+
+        self.tensors = load_file(path)
+        self.text = self.tensors["text"]
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.tensors["mean"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        start, end = self.tensors["offsets"][index].item(), self.tensors["offsets"][index + 1].item()
+        row = int(self.tensors["rows"][index])  # the image loader's row: the same caption is drawn as uncached
+        generator = item_generator(self.seed, self.epoch, row)
+        pick = int(torch.randint(end - start, (), generator=generator)) if self.tensors["is_list"][index] else 0
+        return {"mean": self.tensors["mean"][index], "std": self.tensors["std"][index],
+                "text_id": self.tensors["caption_ids"][start + pick]}
+
+
+def sample_cached_latents(batch: dict, scaling_factor: float) -> torch.Tensor:
+    """z ~ N(mean, std²) × scaling_factor: the posterior sample the VAE would draw (same numbers, same order)."""
+    mean = batch["mean"]
+    return (mean + batch["std"] * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)) * scaling_factor
+
+
+def collate_cached(items: list[dict]) -> dict:
+    return {"mean": torch.stack([i["mean"] for i in items]), "std": torch.stack([i["std"] for i in items]),
+            "text_ids": torch.stack([i["text_id"] for i in items]), "skipped": 0}
+
+
+# 2. The training step ------------------------------------------------------------------------------------------------
+
+def diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, batch_size: int, args) -> torch.Tensor:
+    """One DDPM training loss (Ho et al. 2020, Algorithm 1) in latent space. Random draws always come in the same
+    order — caption dropout, latent sample, noise, timesteps — so cached and uncached runs see the same numbers."""
+    drop = torch.rand(batch_size) < args.uncond_prob  # (B,) classifier-free guidance: caption → ""
+    latents = latents_fn()  # (B, C, h, w), already × scaling_factor
+    hidden = text_fn(drop)  # (B, L, D)
+    # drawn by shape, not randn_like: a latent's memory layout (a chunked view from the VAE, or a cached tensor)
+    # must not decide which number lands where
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
+    if args.noise_offset:
+        noise = noise + args.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=latents.device)
+    alpha_bar = noise_scheduler.schedule.alpha_bar(t, latents)
+    noisy = diffusion.q_sample(latents, noise, alpha_bar)
+    prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
+    return diffusion.diffusion_loss(prediction, latents, noise, alpha_bar, noise_scheduler.config.prediction_type,
+                                    args.snr_gamma)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="folder with tokenizer/, text_encoder/, vae/ (and unet/ to fine-tune)")
+    parser.add_argument("--preset", default=None, help="U-Net architecture when --model has no unet/")
+    parser.add_argument("--model-dir", default=None, help="where the pipeline goes (default: OUTPUT_DIR/model)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="fine-tune a LoRA of this rank instead (0: off)")
+    parser.add_argument("--prediction-type", choices=diffusion.PREDICTION_TYPES, default=None,
+                        help="default: the model's scheduler config")
+    parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to '' (default: 0.1)")
+    parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5)")
+    parser.add_argument("--noise-offset", type=float, default=0.0)
+    parser.add_argument("--use-ema", action="store_true")
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--cache-latents", action="store_true")
+    parser.add_argument("--cache-dir", default=None, help="default: ~/.cache/latentdiff")
+    parser.add_argument("--validation-steps", type=int, default=0, help="sample every N steps (0: only at the end)")
+    parser.add_argument("--validation-prompts", nargs="+", default=DEFAULT_PROMPTS)
+    parser.add_argument("--validation-guidance", type=float, nargs=2, default=(1.0, 7.5))
+    trainer.add_common_args(parser, lr=2e-4, batch_size=32, max_steps=5000)
+    return parser
+
+
+def load_parts(args, device):
+    """Tokenizer, text encoder and VAE (frozen), the U-Net (from the folder or the preset) and the noise schedule."""
+    root = Path(args.model)
+    for name in ("text_encoder", "vae"):
+        check_weights(root / name)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True).requires_grad_(False)
+    clip = CLIPModel.from_pretrained(root / "clip", use_safetensors=True) if (root / "clip" / "config.json").is_file() else None
+    if (root / "unet" / "config.json").is_file():
+        check_weights(root / "unet")
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        scheduler = load_scheduler(root / "scheduler")
+    else:
+        if args.lora_rank:
+            raise ValueError("--lora-rank fine-tunes an existing U-Net, but --model has no unet/")
+        if not args.preset:
+            raise ValueError(f"--model {root} has no unet/: pass --preset to build one from scratch")
+        unet, scheduler = build_unet(load_preset(args.preset)), build_scheduler(load_preset(args.preset))
+    if args.prediction_type:
+        scheduler.register_to_config(prediction_type=args.prediction_type)
+    return tokenizer, text_encoder.to(device), vae.to(device), clip, unet, scheduler
+
+
+@torch.no_grad()
+def validate(args, step: int, unet, vae, text_encoder, tokenizer, scheduler, accelerator, ema=None) -> Path:
+    """Sample the validation prompts at the two guidance scales (rows) with a fixed seed; write a PNG grid."""
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    pipe = LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    rows = [pipe(args.validation_prompts, guidance_scale=scale, num_inference_steps=25,
+                 generator=[torch.Generator().manual_seed(args.seed + i) for i in range(len(args.validation_prompts))],
+                 output_type="pil").images for scale in args.validation_guidance]
+    unet.train()
+    if ema is not None:
+        ema.restore(unet.parameters())
+    path = Path(args.output_dir) / "samples" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([im for row in rows for im in row], cols=len(args.validation_prompts)).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    trainer.check_args(args)
+    if not 0 <= args.uncond_prob <= 1:
+        raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
+    if args.cache_latents and (args.random_crop or args.random_flip):
+        raise ValueError("--cache-latents stores one encoding per image: drop --random-crop / --random-flip")
+    accelerator = trainer.make_accelerator(args, "train_unet")
+    device = accelerator.device
+    tokenizer, text_encoder, vae, clip, unet, scheduler = load_parts(args, device)
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)  # ours: the training noise schedule as ᾱ_t
+    resolution = args.resolution or unet.config.sample_size * vae_scale_factor(vae.config)
+    train_set, _ = trainer.split_dataset(args, resolution)
+    scaling = vae.config.scaling_factor
+    model_dir = Path(args.model_dir or Path(args.output_dir) / "model")
+
+    # 1. What trains: the whole U-Net, or a LoRA inside it.
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=unet.config) if args.use_ema and not args.lora_rank else None
+
+    # 2. Data: cached latents and text states, or images and captions encoded every step.
+    if args.cache_latents:
+        path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder,
+                          tokenizer, train_set, resolution)
+        if accelerator.is_main_process and not path.is_file():
+            accelerator.print(f"caching latents and text states to {path}")
+            build_cache(path, train_set, vae, text_encoder, tokenizer, device)
+        accelerator.wait_for_everyone()
+        cached = CachedLatents(path, seed=args.seed)
+        text_table = cached.text.to(device)
+        loader = trainer.make_loader(cached, args, collate_fn=collate_cached)
+    else:
+        loader = trainer.make_loader(train_set, args)
+    if ema is not None:
+        ema.to(device)
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader,
+                                                                trainer.make_lr_scheduler(optimizer, args))
+
+    def step(batch):
+        if args.cache_latents:
+            size = len(batch["mean"])
+            latents_fn = lambda: sample_cached_latents(batch, scaling)  # noqa: E731
+            text_fn = lambda drop: text_table[torch.where(drop.to(device), 0, batch["text_ids"])]  # noqa: E731
+        else:
+            size = len(batch["captions"])
+
+            def latents_fn():
+                with torch.no_grad():
+                    return vae.encode(batch["pixel_values"]).latent_dist.sample() * scaling
+
+            def text_fn(drop):
+                captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
+                with torch.no_grad():
+                    return text_encoder(tokenize(tokenizer, captions, device))[0]
+
+        return diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, size, args), {}
+
+    raw_unet = accelerator.unwrap_model(unet)
+
+    def on_step(step_number: int) -> None:
+        if args.validation_steps and step_number % args.validation_steps == 0 and accelerator.is_main_process:
+            validate(args, step_number, raw_unet, vae, text_encoder, tokenizer, scheduler, accelerator, ema)
+
+    progress = trainer.train(accelerator, args, [unet], optimizer, lr_scheduler, loader, step, ema=ema,
+                             on_step=on_step)
+    summary = {"steps": progress.step, "skipped_steps": progress.bad_steps, "skipped_images": progress.skipped_images}
+    if accelerator.is_main_process:
+        summary["samples"] = str(validate(args, progress.step, raw_unet, vae, text_encoder, tokenizer, scheduler,
+                                          accelerator, ema))
+        if ema is not None:
+            ema.copy_to(raw_unet.parameters())
+        if args.lora_rank:
+            from peft.utils import get_peft_model_state_dict
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            LatentDiffusionPipeline.save_lora_weights(
+                model_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(raw_unet)))
+            summary["lora"] = str(model_dir / "pytorch_lora_weights.safetensors")
+        else:
+            LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw_unet,
+                                    scheduler=scheduler, clip=clip).save_pretrained(model_dir)
+        trainer.write_summary(args.output_dir, summary)
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,196 @@
+"""Stage 2: the KL-regularised autoencoder (Rombach et al. 2022, §3 and appendix G) from a preset.
+
+    python training/train_vae.py --data data/emoji --preset small --output-dir runs/vae --model-dir runs/model
+
+loss = reconstruction (L1 or L2, per pixel) + --kl-weight · KL / pixels, which is LDM's per-sample sums divided
+by the pixel count (same optimum, gradient sizes that suit clipping), plus optional terms that need no downloaded
+weights: a perceptual distance in the feature space of the project's own CLIP image tower (`--perceptual-weight`,
+from MODEL_DIR/clip), and a PatchGAN (Isola et al. 2017) with the hinge loss and LDM's adaptive weight from
+`--disc-start` on. At the end: PSNR on held-out images, a grid of originals over reconstructions, and
+`scaling_factor` = 1 / std of the latents over training images (LDM §4.3.2), stored in the VAE's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from . import trainer
+from .images import image_grid
+from .models import build_vae, load_preset
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: a grid of real/fake logits, one per overlapping patch (Isola et al. 2017; taming/LDM's layout)."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        channels = width
+        for i in range(1, layers + 1):
+            out = width * min(2**i, 8)
+            blocks += [nn.Conv2d(channels, out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(8, out),
+                       nn.LeakyReLU(0.2)]
+            channels = out
+        blocks.append(nn.Conv2d(channels, 1, 4, 1, 1))
+        self.net = nn.Sequential(*blocks)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, 1, h, w) logits
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
+    """λ = ‖∇ L_rec‖ / (‖∇ L_G‖ + δ) at the decoder's last layer (Esser et al. 2021, eq. 7)."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach() * scale
+
+
+class ClipPerceptualLoss(nn.Module):
+    """Mean squared distance between unit-normalised token features of every layer of a frozen CLIP image tower."""
+
+    def __init__(self, clip_dir: str | Path):
+        super().__init__()
+        from transformers import CLIPModel
+
+        self.tower = CLIPModel.from_pretrained(clip_dir, use_safetensors=True).vision_model.eval().requires_grad_(False)
+        self.size = self.tower.config.image_size
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([images, targets])
+        if both.shape[-1] != self.size:
+            both = F.interpolate(both, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        hidden = self.tower(pixel_values=both, output_hidden_states=True).hidden_states[1:]
+        return sum(F.mse_loss(*F.normalize(h, dim=-1).chunk(2)) for h in hidden) / len(hidden)
+
+
+def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per image, for pixel values in [−1, 1] mapped to [0, 1]: 10 log10(1 / MSE)."""
+    mse = ((images.clamp(-1, 1) - targets) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def evaluate(vae, dataset, device, batch_size: int = 32) -> tuple[float, list, list]:
+    """Mean held-out PSNR (posterior mode), and up to 8 originals and reconstructions as uint8 arrays."""
+    scores, shown = [], ([], [])
+    for start in range(0, len(dataset), batch_size):
+        pixels = [p for p in (dataset.pixels(i) for i in range(start, min(start + batch_size, len(dataset))))
+                  if p is not None]
+        if not pixels:
+            continue
+        x = torch.stack(pixels).to(device)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        scores.append(psnr(rec, x))
+        for source, images in zip(shown, (x, rec)):
+            source += [((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+                       for im in images[: 8 - len(source)]]
+    return torch.cat(scores).mean().item(), *shown
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, loader, device, max_images: int = 512) -> float:
+    """1 / std of posterior samples over up to `max_images` training images (LDM §4.3.2)."""
+    latents, seen = [], 0
+    for batch in loader:
+        latents.append(vae.encode(batch["pixel_values"].to(device)).latent_dist.sample().float().cpu())
+        seen += len(latents[-1])
+        if seen >= max_images:
+            break
+    return 1.0 / torch.cat(latents).std().item()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--model-dir", default=None, help="where vae/ goes; its clip/ serves the perceptual loss")
+    parser.add_argument("--reconstruction-loss", choices=("l1", "l2"), default="l1")
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--perceptual-weight", type=float, default=0.0, help="needs MODEL_DIR/clip (0: off)")
+    parser.add_argument("--disc-weight", type=float, default=0.0, help="PatchGAN weight (0: off)")
+    parser.add_argument("--disc-start", type=int, default=1000, help="first step of the adversarial term")
+    trainer.add_common_args(parser, lr=1e-4, batch_size=16, max_steps=3000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    trainer.check_args(args)
+    preset = load_preset(args.preset)
+    model_dir = Path(args.model_dir or Path(args.output_dir) / "model")
+    resolution = args.resolution or preset["resolution"]
+    accelerator = trainer.make_accelerator(args, "train_vae")
+    train_set, holdout = trainer.split_dataset(args, resolution)
+
+    vae = build_vae(preset)
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    models, groups = [vae], [{"params": vae.parameters(), "lr": args.learning_rate}]
+    disc = PatchDiscriminator() if args.disc_weight > 0 else None
+    if disc is not None:  # one optimizer: the discriminator's loss only reaches its own parameters (see step)
+        models.append(disc)
+        groups.append({"params": disc.parameters(), "lr": args.learning_rate})
+    perceptual = None
+    if args.perceptual_weight > 0:
+        if not (model_dir / "clip" / "config.json").is_file():
+            raise ValueError(f"--perceptual-weight needs a trained CLIP in {model_dir / 'clip'} (run train_clip first)")
+        perceptual = ClipPerceptualLoss(model_dir / "clip").to(accelerator.device)
+    optimizer = torch.optim.AdamW(groups, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    loader = trainer.make_loader(train_set, args)
+    *models, optimizer, loader, lr_scheduler = accelerator.prepare(*models, optimizer, loader,
+                                                                   trainer.make_lr_scheduler(optimizer, args))
+    raw_vae = accelerator.unwrap_model(models[0])
+    progress = trainer.Progress()
+
+    def step(batch):
+        x = batch["pixel_values"]
+        posterior = models[0].encode(x).latent_dist
+        rec = models[0].decode(posterior.sample()).sample
+        rec_loss = (rec - x).abs().mean() if args.reconstruction_loss == "l1" else (rec - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        nll = rec_loss + (args.perceptual_weight * perceptual(rec, x) if perceptual is not None else 0)
+        loss, logs = nll + args.kl_weight * kl, {"train/rec": rec_loss.item(), "train/kl": kl.item()}
+        if disc is not None and progress.step >= args.disc_start:
+            raw_disc = accelerator.unwrap_model(models[1])
+            frozen = {k: v.detach() for k, v in raw_disc.named_parameters()}
+            g_loss = -functional_call(raw_disc, frozen, (rec,)).mean()  # gradient reaches the VAE only
+            weight = adaptive_weight(nll, g_loss, raw_vae.decoder.conv_out.weight, args.disc_weight)
+            d_loss = hinge_d_loss(models[1](x.detach()), models[1](rec.detach()))  # reaches the discriminator only
+            loss = loss + weight * g_loss + d_loss
+            logs.update({"train/g_loss": g_loss.item(), "train/d_loss": d_loss.item(), "train/d_weight": weight.item()})
+        return loss, logs
+
+    trainer.train(accelerator, args, models, optimizer, lr_scheduler, loader, step, progress=progress)
+    summary = {"steps": progress.step, "skipped_steps": progress.bad_steps, "skipped_images": progress.skipped_images}
+    if accelerator.is_main_process:
+        raw_vae.eval()
+        raw_vae.register_to_config(scaling_factor=latent_scaling_factor(raw_vae, loader, accelerator.device))
+        summary["scaling_factor"] = raw_vae.config.scaling_factor
+        if holdout is not None:
+            summary["holdout_psnr"], originals, reconstructions = evaluate(raw_vae, holdout, accelerator.device)
+            from PIL import Image
+
+            grid = image_grid([Image.fromarray(a) for a in originals + reconstructions], cols=len(originals))
+            grid.save(Path(args.output_dir) / "reconstructions.png")
+            accelerator.log({"eval/psnr": summary["holdout_psnr"]}, step=progress.step)
+            accelerator.print(f"held-out PSNR {summary['holdout_psnr']:.2f} dB; scaling_factor "
+                              f"{summary['scaling_factor']:.4f}; grid in {args.output_dir}/reconstructions.png")
+        raw_vae.save_pretrained(model_dir / "vae", max_shard_size="15MB")
+        trainer.write_summary(args.output_dir, summary)
+    accelerator.end_training()
+    return summary
+
+
+

@@ -1,0 +1,297 @@
+"""The three training stages: they run, learn, resume exactly, cache faithfully, run distributed, and survive NaNs."""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff import LatentDiffusionPipeline
+from latentdiff import clip_training, trainer, unet_training, vae_training
+from latentdiff.data.imagefolder import write_imagefolder
+from latentdiff.data.shapes import BACKGROUNDS, COLOURS, SHAPES, Scene, SceneObject, a, shapes_rows
+
+REPO = Path(__file__).resolve().parents[1]
+# Two processes on a CPU-only machine: torchrun processes (accelerate's --multi_gpu launcher) that the trainer puts on
+# the CPU, where they form a gloo group. accelerate's own --cpu flag starts a single process.
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+QUIET = ["--report-to", "none"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "shapes"
+    write_imagefolder(out, shapes_rows(48, 32, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def parts(shapes, tmp_path_factory):
+    """A tiny model folder with tokenizer, text encoder, CLIP and VAE, from 3 steps of each stage."""
+    run = tmp_path_factory.mktemp("parts")
+    model = run / "model"
+    common = ["--data", str(shapes), "--preset", "tiny", "--model-dir", str(model), "--max-steps", "3",
+              "--batch-size", "8", "--holdout", "8", *QUIET]
+    clip_summary = clip_training.main([*common, "--output-dir", str(run / "clip")])
+    vae_summary = vae_training.main([*common, "--output-dir", str(run / "vae")])
+    return model, clip_summary, vae_summary
+
+
+def test_clip_and_vae_stages_write_loadable_parts(parts):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+
+    model, clip_summary, vae_summary = parts
+    assert clip_summary["steps"] == 3 and "image_to_text_top1" in clip_summary
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    clip = CLIPModel.from_pretrained(model / "clip")
+    text = CLIPTextModel.from_pretrained(model / "text_encoder")
+    ids = tokenizer(["a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(text(ids).last_hidden_state, clip.text_model(ids).last_hidden_state)
+    assert list(CLIPProcessor.from_pretrained(model / "clip").image_processor.image_mean) == [0.5, 0.5, 0.5]
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    assert vae.config.scaling_factor == pytest.approx(vae_summary["scaling_factor"]) != 0.18215
+    assert vae_summary["holdout_psnr"] > 0 and (model.parent / "vae" / "reconstructions.png").is_file()
+
+
+def test_unet_stage_writes_a_pipeline_both_libraries_load(parts, shapes, tmp_path):
+    model, _, _ = parts
+    summary = unet_training.main(["--data", str(shapes), "--model", str(model), "--preset", "tiny", "--output-dir",
+                                  str(tmp_path), "--max-steps", "3", "--batch-size", "8", "--use-ema", *QUIET,
+                                  "--validation-prompts", "a red circle", "two blue stars"])
+    assert summary["steps"] == 3 and Image.open(summary["samples"]).size == (2 * 32 + 2, 2 * 32 + 2)
+    from diffusers import StableDiffusionPipeline
+
+    ours = LatentDiffusionPipeline.from_pretrained(tmp_path / "model")
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert ours.clip is not None and theirs.unet.config.sample_size == 16
+    assert (tmp_path / "checkpoints" / "checkpoint-3" / "ema.safetensors").is_file()
+
+
+def test_vae_adversarial_and_perceptual_terms_run(parts, shapes, tmp_path):
+    model, _, _ = parts
+    summary = vae_training.main(["--data", str(shapes), "--preset", "tiny", "--model-dir", str(model), "--output-dir",
+                                 str(tmp_path), "--max-steps", "3", "--batch-size", "8", "--holdout", "8", *QUIET,
+                                 "--perceptual-weight", "0.1", "--disc-weight", "0.5", "--disc-start", "1"])
+    assert summary["steps"] == 3 and np.isfinite(summary["holdout_psnr"])
+
+
+def _single_object_set(path, n=600, seed=0):
+    """One coloured shape per image, captioned "a red circle": 48 classes, a task a tiny CLIP learns in seconds."""
+    rng = random.Random(seed)
+
+    def rows():
+        for _ in range(n):
+            colour, shape, side = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(14, 24)
+            x, y = rng.randint(0, 32 - side), rng.randint(0, 32 - side)
+            scene = Scene("single", rng.choice(list(BACKGROUNDS)),
+                          [SceneObject(shape, colour, "large", "center", (x, y, x + side - 1, y + side - 1))])
+            yield scene.render(32), {"text": a(f"{colour} {shape}")}
+
+    write_imagefolder(path, rows())
+    return path
+
+
+def test_clip_learns_well_above_chance_retrieval(tmp_path):
+    data = _single_object_set(tmp_path / "objects")
+    summary = clip_training.main(["--data", str(data), "--preset", "tiny", "--output-dir", str(tmp_path / "run"),
+                                  "--max-steps", "150", "--batch-size", "64", "--learning-rate", "3e-3",
+                                  "--lr-warmup-steps", "10", "--holdout", "96", "--checkpointing-steps", "1000", *QUIET])
+    # measured 2026-11-22: image→text top-1 0.28, text→image top-1 0.33 against chance 0.024
+    assert summary["image_to_text_top1"] >= 5 * summary["chance_top1"]
+    assert summary["text_to_image_top1"] >= 5 * summary["chance_top1"]
+    assert summary["image_to_text_top5"] >= 0.4
+
+
+def _fixed_batch_loss(unet, noise_scheduler, latents, hidden, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (len(latents),), generator=g)
+    ab = noise_scheduler.schedule.alpha_bar(t, latents)
+    from latentdiff import diffusion
+
+    with torch.no_grad():
+        out = unet(diffusion.q_sample(latents, noise, ab), t, encoder_hidden_states=hidden).sample
+    return diffusion.diffusion_loss(out, latents, noise, ab).item()
+
+
+def test_unet_loss_on_a_fixed_batch_falls_by_at_least_30_percent(parts, tmp_path):
+    model, _, _ = parts
+    data = tmp_path / "batch"
+    write_imagefolder(data, shapes_rows(16, 32, seed=1))
+    args = ["--data", str(data), "--model", str(model), "--preset", "tiny", "--output-dir", str(tmp_path / "run"),
+            "--batch-size", "16", "--holdout", "0", "--learning-rate", "2e-3", "--lr-warmup-steps", "5",
+            "--lr-scheduler", "constant", "--checkpointing-steps", "1000", "--validation-prompts", "x", *QUIET]
+    unet_training.main([*args, "--max-steps", "1", "--learning-rate", "1e-12", "--output-dir", str(tmp_path / "start")])
+    unet_training.main([*args, "--max-steps", "80"])
+    parsed = unet_training.build_parser().parse_args([*args, "--max-steps", "1"])
+    tokenizer, text_encoder, vae, _, _, scheduler = unet_training.load_parts(parsed, "cpu")
+    from latentdiff.data.loader import ImageCaptionDataset, open_dataset
+    from latentdiff.schedulers import DDPMScheduler
+
+    ds = ImageCaptionDataset(open_dataset(data), resolution=32)
+    pixels = torch.stack([ds.pixels(i) for i in range(16)])
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        hidden = text_encoder(clip_training.tokenize(tokenizer, [c[0] for c in ds.captions]))[0]
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    before = _fixed_batch_loss(LatentDiffusionPipeline.from_pretrained(tmp_path / "start" / "model").unet,
+                               noise_scheduler, latents, hidden)
+    after = _fixed_batch_loss(LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "model").unet,
+                              noise_scheduler, latents, hidden)
+    assert after <= 0.7 * before, (before, after)
+
+
+def _unet_args(parts, shapes, out, steps, *extra):
+    model, _, _ = parts
+    return ["--data", str(shapes), "--model", str(model), "--preset", "tiny", "--output-dir", str(out),
+            "--max-steps", str(steps), "--batch-size", "8", "--holdout", "8", "--checkpointing-steps", "4",
+            "--learning-rate", "1e-3", "--lr-warmup-steps", "2", "--use-ema", "--ema-decay", "0.9",
+            "--validation-prompts", "x", *QUIET, *extra]
+
+
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(parts, shapes, tmp_path, monkeypatch):
+    """Killed right after the checkpoint at step 4 of 8, then resumed: EMA, optimizer, lr schedule, RNG and data
+    position all continue, and step 8 has the parameters of a run that was never interrupted."""
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "whole", 8))
+    save = trainer.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, progress, ema, limit):
+        save(accelerator, output_dir, progress, ema, limit)
+        if progress.step == 4:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 8))
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 8, "--resume-from-checkpoint", "latest"))
+    whole = LatentDiffusionPipeline.from_pretrained(tmp_path / "whole" / "model").unet.state_dict()
+    split = LatentDiffusionPipeline.from_pretrained(tmp_path / "split" / "model").unet.state_dict()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    progress = json.loads((tmp_path / "split" / "checkpoints" / "checkpoint-8" / "progress.json").read_text())
+    assert progress["step"] == 8
+
+
+def test_cached_latents_give_the_same_loss(parts, shapes, tmp_path):
+    model, _, _ = parts
+    args = unet_training.build_parser().parse_args(["--data", str(shapes), "--model", str(model), "--preset", "tiny",
+                                                    "--output-dir", str(tmp_path), "--holdout", "0", "--snr-gamma", "5",
+                                                    "--noise-offset", "0.05", "--uncond-prob", "0.3"])
+    tokenizer, text_encoder, vae, _, unet, scheduler = unet_training.load_parts(args, "cpu")
+    noise_scheduler = unet_training.DDPMScheduler.from_config(scheduler.config)
+    train_set, _ = trainer.split_dataset(args, 32)
+    path = unet_training.cache_path(tmp_path / "cache", vae, text_encoder, tokenizer, train_set, 32)
+    unet_training.build_cache(path, train_set, vae, text_encoder, tokenizer, "cpu")
+    cached = unet_training.CachedLatents(path)
+    assert unet_training.cache_path(tmp_path / "cache", vae, text_encoder, tokenizer, train_set, 32) == path
+    assert unet_training.cache_path(tmp_path / "cache", vae, text_encoder, tokenizer, train_set, 16) != path
+    losses = []
+    for use_cache in (False, True):
+        torch.manual_seed(3)
+        if use_cache:
+            batch = unet_training.collate_cached([cached[i] for i in range(8)])
+            latents_fn = lambda: unet_training.sample_cached_latents(batch, vae.config.scaling_factor)  # noqa: E731
+            text_fn = lambda drop: cached.text[torch.where(drop, 0, batch["text_ids"])]  # noqa: E731
+        else:
+            items = [train_set[i] for i in range(8)]
+            latents_fn = lambda: vae.encode(torch.stack([i["pixel_values"] for i in items])).latent_dist.sample() * vae.config.scaling_factor  # noqa: E731
+            text_fn = lambda drop: text_encoder(clip_training.tokenize(  # noqa: E731
+                tokenizer, ["" if d else i["caption"] for i, d in zip(items, drop.tolist())]))[0]
+        with torch.no_grad():
+            losses.append(unet_training.diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, 8, args).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_changed_model_gets_a_new_cache(parts, shapes, tmp_path):
+    from diffusers import AutoencoderKL
+
+    model, _, _ = parts
+    args = unet_training.build_parser().parse_args(["--data", str(shapes), "--model", str(model), "--output-dir",
+                                                    str(tmp_path), "--preset", "tiny"])
+    tokenizer, text_encoder, vae, _, _, _ = unet_training.load_parts(args, "cpu")
+    train_set, _ = trainer.split_dataset(args, 32)
+    before = unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1e-3)  # a VAE trained one step further
+    assert unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32) != before
+    assert isinstance(vae, AutoencoderKL)
+
+
+def test_cache_and_random_crop_do_not_mix(parts, shapes, tmp_path):
+    with pytest.raises(ValueError, match="--cache-latents stores one encoding per image"):
+        unet_training.main(_unet_args(parts, shapes, tmp_path, 2, "--cache-latents", "--random-crop"))
+
+
+def test_lora_fine_tuning_saves_weights_the_pipeline_loads(parts, shapes, tmp_path):
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "base", 2))
+    base = tmp_path / "base" / "model"
+    summary = unet_training.main(["--data", str(shapes), "--model", str(base), "--output-dir", str(tmp_path / "lora"),
+                                  "--max-steps", "3", "--batch-size", "8", "--lora-rank", "4", "--learning-rate", "1e-2",
+                                  "--validation-prompts", "x", *QUIET])
+    pipe = LatentDiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe.load_lora_weights(Path(summary["lora"]).parent)
+    after = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert not np.allclose(before, after)
+
+
+def _toy_run(tmp_path, losses):
+    """trainer.train on a one-parameter model whose loss follows `losses` step by step."""
+    parser = argparse.ArgumentParser()
+    trainer.add_common_args(parser, lr=0.1, batch_size=1, max_steps=len(losses))
+    args = parser.parse_args(["--data", "unused", "--output-dir", str(tmp_path), "--checkpointing-steps", "1000",
+                              "--lr-warmup-steps", "0", *QUIET])
+    accelerator = trainer.make_accelerator(args, "toy")
+    weight = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(weight.parameters(), lr=0.1)
+    items = [{"x": torch.ones(1), "skipped": 0}] * (3 * len(losses))
+    loader = torch.utils.data.DataLoader(items, batch_size=1, collate_fn=lambda b: {"x": b[0]["x"], "skipped": 0})
+    weight, optimizer, loader, scheduler = accelerator.prepare(weight, optimizer, loader,
+                                                               trainer.make_lr_scheduler(optimizer, args))
+    calls = iter(losses + [1.0] * len(losses))  # finite losses after the scripted ones
+    return trainer.train(accelerator, args, [weight], optimizer, scheduler, loader,
+                         lambda batch: (weight(batch["x"]).sum() * next(calls), {}))
+
+
+def test_non_finite_losses_are_skipped_and_counted(tmp_path):
+    progress = _toy_run(tmp_path, [1.0, float("nan"), 1.0, float("inf"), 1.0, 1.0, 1.0])
+    assert progress.bad_steps == 2 and progress.step == 7
+
+
+def test_ten_non_finite_losses_in_a_row_stop_the_run(tmp_path):
+    with pytest.raises(RuntimeError, match="NaN or infinite 10 times in a row"):
+        _toy_run(tmp_path, [1.0] + [float("nan")] * 12)
+
+
+@pytest.mark.parametrize("script", ["train_clip.py", "train_unet.py"])
+def test_two_processes_under_accelerate_launch(parts, shapes, tmp_path, script):
+    model, _, _ = parts
+    stage = ["--model", str(model), "--preset", "tiny", "--validation-prompts", "x"] if script == "train_unet.py" \
+        else ["--preset", "tiny"]
+    command = [*LAUNCH_TWO, str(REPO / "training" / script),
+               "--data", str(shapes), *stage, "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size", "4",
+               "--holdout", "8", *QUIET]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), MULTI_CPU" in result.stdout, result.stdout[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+def test_distributed_contrastive_loss_equals_the_single_process_loss():
+    command = [*LAUNCH_TWO, str(REPO / "tests" / "dist_contrastive.py")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "OK 2 processes" in result.stdout, result.stderr[-3000:]

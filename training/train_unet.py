@@ -1,0 +1,8 @@
+"""Train or fine-tune the U-Net (stage 3): `python training/train_unet.py --help`, or under `accelerate launch`."""
+
+import sys
+
+from latentdiff.unet_training import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,8 @@
+"""Train the VAE (stage 2): `python training/train_vae.py --help`, or under `accelerate launch`."""
+
+import sys
+
+from latentdiff.vae_training import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
