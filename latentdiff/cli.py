@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--seed", type=int, default=0)
     emoji.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
 
+    recipe = commands.add_parser("run-recipe", help="run (or finish) a training recipe from pipelines/")
+    recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
+    recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
+    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet")
+
     new = commands.add_parser("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
     new.add_argument("--out", required=True, help="folder to write")
@@ -124,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             print(f"wrote {generate(args)}")
+        elif args.command == "run-recipe":
+            from .recipes import run_recipe
+
+            records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
+            print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")
         elif args.command == "data":
             print(make_data(args))
         elif args.command == "new-model":

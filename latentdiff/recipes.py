@@ -1,0 +1,86 @@
+"""Recipes: one TOML file per data set that chains data → CLIP → VAE → U-Net with the settings that made a model.
+
+    latentdiff run-recipe pipelines/emoji64.toml --out runs/emoji64
+
+Layout of OUT: data/ (the data set), model/ (the pipeline folder, filled stage by stage), runs/STAGE/ (checkpoints,
+logs, samples), stages/STAGE.json (written when a stage finishes: its summary, wall time and hardware).
+Running the same command again skips finished stages and resumes an unfinished one from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+STAGES = ("data", "clip", "vae", "unet")
+
+
+def load_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe must be a TOML file, got {str(path)!r}")
+    recipe = tomllib.loads(path.read_text())
+    unknown = set(recipe) - set(STAGES) - {"name", "description"}
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown sections {sorted(unknown)}; sections are {list(STAGES)}")
+    if recipe.get("data", {}).get("kind") not in ("shapes", "emoji", "folder"):
+        raise ValueError(f"recipe {path}: [data] kind must be 'shapes', 'emoji' or 'folder'")
+    return recipe
+
+
+def hardware() -> dict:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__}
+
+
+def _data_stage(recipe: dict, out: Path) -> dict:
+    from .cli import main as cli_main
+
+    data = recipe["data"]
+    if data["kind"] == "folder":
+        return {"data": data["path"]}
+    if cli_main(["data", data["kind"], "--out", str(out / "data"), "--overwrite", *data.get("args", [])]) != 0:
+        raise RuntimeError(f"the {data['kind']} data stage failed")
+    return {"data": str(out / "data")}
+
+
+def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = None) -> dict:
+    """Run (or finish) every stage of a recipe; returns {stage: record}."""
+    from . import clip_training, unet_training, vae_training
+
+    recipe, out = load_recipe(path), Path(out)
+    done_dir = out / "stages"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for stage in stages or [s for s in STAGES if s in recipe]:
+        marker = done_dir / f"{stage}.json"
+        if marker.is_file():
+            records[stage] = json.loads(marker.read_text())
+            print(f"[{stage}] already done ({marker})")
+            continue
+        print(f"[{stage}] running")
+        started = time.time()
+        data = recipe["data"]["path"] if recipe["data"]["kind"] == "folder" else str(out / "data")
+        common = ["--data", data, "--output-dir", str(out / "runs" / stage), "--resume-from-checkpoint", "latest"]
+        args = recipe.get(stage, {}).get("args", [])
+        if stage == "data":
+            summary = _data_stage(recipe, out)
+        elif stage == "clip":
+            summary = clip_training.main([*common, "--model-dir", str(out / "model"), *args])
+        elif stage == "vae":
+            summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
+        else:
+            summary = unet_training.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"),
+                                          *args])
+        record = {"stage": stage, "summary": summary, "wall_seconds": round(time.time() - started, 1),
+                  "hardware": hardware(), "args": args}
+        marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        records[stage] = record
+    return records

@@ -1,0 +1,59 @@
+"""Recipes chain the stages, skip finished ones on a rerun, and the shipped recipes' flags are all valid."""
+
+from pathlib import Path
+
+import pytest
+
+from latentdiff import LatentDiffusionPipeline, clip_training, unet_training, vae_training
+from latentdiff.cli import main
+from latentdiff.recipes import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = """
+name = "tiny"
+[data]
+kind = "shapes"
+args = ["--n", "40", "--size", "32"]
+[clip]
+args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
+[vae]
+args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
+[unet]
+args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none",
+        "--cache-latents", "--validation-prompts", "a red circle"]
+"""
+
+
+def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the latent cache goes under ~/.cache
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY)
+    assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
+    assert pipe.clip is not None and pipe.vae.config.scaling_factor != 0.18215
+    stages = sorted(p.stem for p in (tmp_path / "run" / "stages").glob("*.json"))
+    assert stages == ["clip", "data", "unet", "vae"]
+    capsys.readouterr()
+    (tmp_path / "run" / "stages" / "unet.json").unlink()  # as if the U-Net stage had been killed
+    assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "[clip] already done" in out and "[vae] already done" in out and "[unet] running" in out
+    assert "resumed from" in out  # the unfinished stage continued from its checkpoint
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(recipe, tmp_path):
+    parsed = load_recipe(recipe)
+    required = ["--data", "d", "--output-dir", str(tmp_path)]
+    clip_training.build_parser().parse_args([*required, *parsed["clip"]["args"]])
+    vae_training.build_parser().parse_args([*required, *parsed["vae"]["args"]])
+    unet_training.build_parser().parse_args([*required, "--model", "m", *parsed["unet"]["args"]])
+
+
+def test_bad_recipes_are_named(tmp_path):
+    with pytest.raises(ValueError, match="recipe must be a TOML file"):
+        load_recipe(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\nkind = "shapes"\n[train]\nargs = []\n')
+    with pytest.raises(ValueError, match=r"unknown sections \['train'\]"):
+        load_recipe(bad)
