@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from . import trainer
+from .data.loader import readable_batches
 from .models import build_clip, load_preset, text_encoder_from_clip
 from .tokenizer import train_tokenizer
 
@@ -57,15 +58,11 @@ def contrastive_loss(accelerator):
 def retrieval(clip: CLIPModel, tokenizer: CLIPTokenizer, dataset, batch_size: int = 64, device=None) -> dict:
     """Image→text and text→image top-1/top-5 accuracy over a held-out set, one caption (the first) per image.
     A retrieved item counts as right when its caption is the query's (identical captions are interchangeable)."""
-    images, captions = [], []
-    for index in range(len(dataset)):
-        pixels = dataset.pixels(index)
-        if pixels is not None:
-            images.append(pixels)
-            caption = dataset.captions[index]
-            captions.append(caption if isinstance(caption, str) else caption[0])
-    image_emb = torch.cat([embed_images(clip, torch.stack(images[i: i + batch_size]).to(device))
-                           for i in range(0, len(images), batch_size)])
+    image_emb, captions = [], []
+    for rows, pixels in readable_batches(dataset, batch_size):
+        image_emb.append(embed_images(clip, pixels.to(device)))
+        captions += [c if isinstance(c, str) else c[0] for c in (dataset.captions[i] for i in rows)]
+    image_emb = torch.cat(image_emb)
     text_emb = torch.cat([embed_texts(clip, tokenize(tokenizer, captions[i: i + batch_size], device))
                           for i in range(0, len(captions), batch_size)])
     similarity = image_emb @ text_emb.T  # (N images, N texts)
@@ -101,11 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    trainer.check_args(args)
+    accelerator, model_dir = trainer.start(args, "train_clip")
     preset = load_preset(args.preset)
-    model_dir = Path(args.model_dir or Path(args.output_dir) / "model")
     resolution = args.resolution or preset["clip"]["vision_config"]["image_size"]
-    accelerator = trainer.make_accelerator(args, "train_clip")
     train_set, holdout = trainer.split_dataset(args, resolution)
 
     # 1. The tokenizer: given, or trained on the training captions (the same on every process: deterministic).
@@ -116,9 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = train_tokenizer(texts, **preset["tokenizer"])
     # 2. The CLIP, its optimizer and the loss.
     clip = build_clip(preset, tokenizer)
+    if resolution != clip.config.vision_config.image_size:
+        raise ValueError(f"--resolution must be the vision tower's image_size ({clip.config.vision_config.image_size}) "
+                         f"for a CLIP built from a preset, got {resolution}")
     if args.gradient_checkpointing:
         clip.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # as open_clip: no weight decay on the temperature, biases, norms and embeddings (1-D parameters)
+    decayed = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    kept = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": args.weight_decay},
+                                   {"params": kept, "weight_decay": 0.0}], lr=args.learning_rate)
     loader = trainer.make_loader(train_set, args)
     clip, optimizer, loader, lr_scheduler = accelerator.prepare(clip, optimizer, loader,
                                                                 trainer.make_lr_scheduler(optimizer, args))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -53,7 +54,8 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, batch_size: int,
     group.add_argument("--max-grad-norm", type=float, default=1.0)
     group.add_argument("--gradient-accumulation-steps", type=int, default=1)
     group.add_argument("--gradient-checkpointing", action="store_true")
-    group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="default: what `accelerate launch` / accelerate config says, else no")
     group.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, samples")
@@ -76,6 +78,12 @@ def check_args(args) -> None:
 
 
 def make_accelerator(args, project: str) -> Accelerator:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        # One process may run several stages in turn (recipes, tests), each with its own mixed precision, which
+        # accelerate otherwise fixes for the life of the process. (A distributed run keeps its process group.)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     # With no GPU, ask for the CPU explicitly: processes started by `accelerate launch --multi_gpu` (torchrun) then
     # form a gloo group; a plain Accelerator() in them would each train alone. (accelerate's --cpu flag itself
     # always starts a single process.)
@@ -88,13 +96,19 @@ def make_accelerator(args, project: str) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
-    set_seed(args.seed)
+    set_seed(args.seed)  # the same on every process: models start identical
     if args.report_to != "none":
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(project, config=config)
     accelerator.print(f"{project}: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
                       f"{accelerator.device}, mixed precision {accelerator.mixed_precision}")
     return accelerator
+
+
+def start(args, project: str) -> tuple[Accelerator, Path]:
+    """Check the common flags, set up accelerate; returns it and the model folder the stage writes to."""
+    check_args(args)
+    return make_accelerator(args, project), Path(args.model_dir or Path(args.output_dir) / "model")
 
 
 def split_dataset(args, resolution: int):
@@ -124,16 +138,21 @@ def make_lr_scheduler(optimizer, args):
 
 
 class Progress:
-    """The step count and the skipped-step tallies, saved in every checkpoint as progress.json."""
+    """Optimizer steps done, where the data stands (epoch, batches of it consumed) and the skip tallies; saved in
+    every checkpoint as progress.json. The data position is counted, not derived from the step: accumulation
+    windows cut short at an epoch's end and skipped batches would make a derived one wrong."""
+
+    FIELDS = ("step", "epoch", "batches_in_epoch", "bad_steps", "skipped_images")
 
     def __init__(self):
-        self.step, self.bad_steps, self.skipped_images = 0, 0, 0
+        self.step = self.epoch = self.batches_in_epoch = self.bad_steps = self.skipped_images = 0
 
     def state_dict(self) -> dict:
-        return dict(step=self.step, bad_steps=self.bad_steps, skipped_images=self.skipped_images)
+        return {k: getattr(self, k) for k in self.FIELDS}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.bad_steps, self.skipped_images = state["step"], state["bad_steps"], state["skipped_images"]
+        for k in self.FIELDS:
+            setattr(self, k, state[k])
 
 
 def _save_own_state(folder: Path, progress: Progress, ema) -> None:
@@ -147,12 +166,12 @@ def _save_own_state(folder: Path, progress: Progress, ema) -> None:
         (folder / "ema.json").write_text(json.dumps(state))
 
 
-def _load_own_state(folder: Path, progress: Progress, ema) -> None:
+def _load_own_state(folder: Path, progress: Progress, ema, device) -> None:
     progress.load_state_dict(json.loads((folder / "progress.json").read_text()))
     if ema is not None:
         from safetensors.torch import load_file
 
-        shadow = load_file(folder / "ema.safetensors")
+        shadow = load_file(folder / "ema.safetensors", device=str(device))
         state = json.loads((folder / "ema.json").read_text())
         ema.load_state_dict({**state, "shadow_params": [shadow[f"shadow.{i}"] for i in range(len(shadow))]})
 
@@ -196,7 +215,7 @@ def resume(accelerator: Accelerator, args, progress: Progress, ema=None) -> bool
         if not path.is_dir():
             raise ValueError(f"--resume-from-checkpoint must be 'latest' or a checkpoint folder, got {str(path)!r}")
     accelerator.load_state(str(path))
-    _load_own_state(path, progress, ema)
+    _load_own_state(path, progress, ema, accelerator.device)
     accelerator.print(f"resumed from {path} at step {progress.step}")
     return True
 
@@ -208,69 +227,79 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
     prepared; `step_fn(batch) → (loss, logs)`; `ema` (diffusers EMAModel) follows the first model; `on_step(step)`
     runs after each optimizer step (validation …)."""
     progress = progress or Progress()
-    resume(accelerator, args, progress, ema)
-    per_epoch = len(loader)
-    if per_epoch == 0:
+    if not resume(accelerator, args, progress, ema):
+        set_seed(args.seed, device_specific=True)  # from here each process draws its own noise and timesteps
+    if len(loader) == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set: no full batch to train on")
-    micro = progress.step * args.gradient_accumulation_steps  # micro-batches already consumed
-    epoch, skip = divmod(micro, per_epoch)
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
     bar = tqdm(total=args.max_steps, initial=progress.step, disable=not accelerator.is_local_main_process,
                desc=Path(args.output_dir).name, dynamic_ncols=True)
     bad_in_a_row, running = 0, []
     while progress.step < args.max_steps:
-        loader.set_epoch(epoch)
+        loader.set_epoch(progress.epoch)
         if hasattr(loader.dataset, "set_epoch"):  # caption, crop and flip draws depend on the epoch
-            loader.dataset.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for batch in batches:
+            loader.dataset.set_epoch(progress.epoch)
+        skip = progress.batches_in_epoch
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            progress.batches_in_epoch += 1
             progress.skipped_images += int(batch["skipped"])
             with accelerator.accumulate(*models):
                 loss, logs = step_fn(batch)
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() == 1
-                if finite:
+                good = _all_true(accelerator, torch.isfinite(loss.detach()))
+                if good:
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for m in models for p in m.parameters()], args.max_grad_norm)
-                    optimizer.step()
+                    if accelerator.sync_gradients:  # a finite loss can still give non-finite gradients
+                        norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                        good = bool(torch.isfinite(norm))
+                    if good or accelerator.scaler is not None:
+                        optimizer.step()  # with fp16 the grad scaler skips a non-finite step and lowers its scale
                 optimizer.zero_grad(set_to_none=True)
-            if not finite:
+            if good and accelerator.sync_gradients and accelerator.optimizer_step_was_skipped:
+                good = False
+            if not good:
                 progress.bad_steps += 1
                 bad_in_a_row += 1
-                accelerator.print(f"step {progress.step}: non-finite loss, skipped ({progress.bad_steps} so far)")
+                accelerator.print(f"step {progress.step}: non-finite loss or gradients, skipped "
+                                  f"({progress.bad_steps} so far)")
                 if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                    raise RuntimeError(f"stopping: the loss was NaN or infinite {bad_in_a_row} times in a row at "
-                                       f"step {progress.step}; lower --learning-rate or check the data "
-                                       f"(last good checkpoint: {checkpoints(args.output_dir)[-1:] or 'none'})")
+                    raise RuntimeError(f"stopping: the loss or its gradients were NaN or infinite {bad_in_a_row} "
+                                       f"times in a row at step {progress.step}; lower --learning-rate or check "
+                                       f"the data (last checkpoint: {checkpoints(args.output_dir)[-1:] or 'none'})")
                 continue
-            bad_in_a_row = 0
             running.append(loss.detach().float().item())
             if not accelerator.sync_gradients:
                 continue
+            bad_in_a_row = 0
             lr_scheduler.step()
             if ema is not None:
                 ema.step(accelerator.unwrap_model(models[0]).parameters())
             progress.step += 1
-            bar.update(1)
             mean_loss = sum(running) / len(running)
             running.clear()
+            bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             if progress.step % args.log_every == 0 or progress.step == args.max_steps:
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], **logs},
                                 step=progress.step)
             if progress.step % args.checkpointing_steps == 0 or progress.step == args.max_steps:
                 save_checkpoint(accelerator, args.output_dir, progress, ema, args.checkpoints_total_limit)
-            if on_step is not None:
+            if on_step is not None and progress.step < args.max_steps:
                 on_step(progress.step)
             if progress.step >= args.max_steps:
                 break
-        epoch += 1
+        else:  # the epoch ran out
+            progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
     bar.close()
     if progress.skipped_images:
         accelerator.print(f"skipped {progress.skipped_images} unreadable images")
     if progress.bad_steps:
-        accelerator.print(f"skipped {progress.bad_steps} steps with a non-finite loss")
+        accelerator.print(f"skipped {progress.bad_steps} steps with a non-finite loss or gradients")
     return progress
+
+
+def _all_true(accelerator: Accelerator, flag: torch.Tensor) -> bool:
+    """True on every process (so that all of them skip a step together, as DDP needs)."""
+    return accelerator.gather(flag.float().reshape(1).to(accelerator.device)).min().item() == 1
 
 
 def write_summary(output_dir: str | Path, summary: dict) -> None:

@@ -9,7 +9,9 @@ saved as pytorch_lora_weights.safetensors for `pipe.load_lora_weights`. The whol
 --model-dir at the end, with the EMA weights when --use-ema is on.
 --cache-latents encodes the data once (posterior mean and std per image, text hidden states per distinct
 caption) into a safetensors file named by a hash of the VAE, text encoder, tokenizer, data and resolution, so
-it is reused across epochs and runs and never used for another model or data set.
+it is reused across epochs and runs and never used for another model or data set. The main process builds it
+while the others wait (keep --cache-dir on a shared disk for several machines; build it once beforehand with a
+single process for very large data, where the wait could pass the process group's timeout).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import diffusion, trainer
 from .clip_training import tokenize
-from .data.loader import item_generator
+from .data.loader import item_generator, readable_batches
 from .images import image_grid
 from .model_folder import check_weights, load_scheduler
 from .models import build_scheduler, build_unet, load_preset, vae_scale_factor
@@ -55,7 +59,8 @@ def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolutio
     """Where the cache for exactly this VAE, text encoder, tokenizer, data and resolution lives."""
     digest = hashlib.sha256()
     digest.update(_fingerprint(vae, text_encoder).encode())
-    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())  # vocabulary, merges and normalisation
+    digest.update(str(tokenizer.model_max_length).encode())
     digest.update(f"{dataset.dataset._fingerprint}|{dataset.image_column}|{dataset.caption_column}|{resolution}".encode())
     return cache_dir / f"latents-{digest.hexdigest()[:24]}.safetensors"
 
@@ -69,20 +74,17 @@ def build_cache(path: Path, dataset, vae, text_encoder, tokenizer, device, batch
     texts = list(dict.fromkeys([""] + [t for group in captions for t in group]))
     text_id = {t: i for i, t in enumerate(texts)}
     means, stds, keep = [], [], []
-    for start in range(0, len(dataset), batch_size):
-        rows = [(i, dataset.pixels(i)) for i in range(start, min(start + batch_size, len(dataset)))]
-        rows = [(i, p) for i, p in rows if p is not None]
-        if rows:
-            posterior = vae.encode(torch.stack([p for _, p in rows]).to(device)).latent_dist
-            means.append(posterior.mean.cpu())
-            stds.append(posterior.std.cpu())
-            keep += [i for i, _ in rows]
+    for rows, pixels in readable_batches(dataset, batch_size):
+        posterior = vae.encode(pixels.to(device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+        keep += rows
     hidden = torch.cat([text_encoder(tokenize(tokenizer, texts[i: i + batch_size], device))[0].cpu()
                         for i in range(0, len(texts), batch_size)])
     ids = [text_id[t] for i in keep for t in captions[i]]
     offsets = torch.tensor([0] + [len(captions[i]) for i in keep]).cumsum(0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # two jobs never share a temp file
     save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "text": hidden.contiguous(),
                "caption_ids": torch.tensor(ids), "offsets": offsets,
                "is_list": torch.tensor([not isinstance(dataset.captions[i], str) for i in keep]),
@@ -220,19 +222,20 @@ def validate(args, step: int, unet, vae, text_encoder, tokenizer, scheduler, acc
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    trainer.check_args(args)
     if not 0 <= args.uncond_prob <= 1:
         raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
     if args.cache_latents and (args.random_crop or args.random_flip):
         raise ValueError("--cache-latents stores one encoding per image: drop --random-crop / --random-flip")
-    accelerator = trainer.make_accelerator(args, "train_unet")
+    if args.lora_rank and (args.use_ema or args.prediction_type):
+        raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema and --prediction-type "
+                         "do not apply to it")
+    accelerator, model_dir = trainer.start(args, "train_unet")
     device = accelerator.device
     tokenizer, text_encoder, vae, clip, unet, scheduler = load_parts(args, device)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)  # ours: the training noise schedule as ᾱ_t
     resolution = args.resolution or unet.config.sample_size * vae_scale_factor(vae.config)
     train_set, _ = trainer.split_dataset(args, resolution)
     scaling = vae.config.scaling_factor
-    model_dir = Path(args.model_dir or Path(args.output_dir) / "model")
 
     # 1. What trains: the whole U-Net, or a LoRA inside it.
     if args.lora_rank:

@@ -21,8 +21,27 @@ from torch import nn
 from torch.func import functional_call
 
 from . import trainer
+from .data.loader import readable_batches
 from .images import image_grid
 from .models import build_vae, load_preset
+
+
+class Autoencode(nn.Module):
+    """encode → sample → decode as one forward, so that DDP syncs its gradients and accelerate's autocast covers it
+    (both wrap `forward` only; calling `vae.encode` on the prepared model would bypass them)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.mean, posterior.logvar
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ (μ² + σ² − 1 − log σ²) per sample (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
 
 
 class PatchDiscriminator(nn.Module):
@@ -86,12 +105,8 @@ def psnr(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def evaluate(vae, dataset, device, batch_size: int = 32) -> tuple[float, list, list]:
     """Mean held-out PSNR (posterior mode), and up to 8 originals and reconstructions as uint8 arrays."""
     scores, shown = [], ([], [])
-    for start in range(0, len(dataset), batch_size):
-        pixels = [p for p in (dataset.pixels(i) for i in range(start, min(start + batch_size, len(dataset))))
-                  if p is not None]
-        if not pixels:
-            continue
-        x = torch.stack(pixels).to(device)
+    for _, pixels in readable_batches(dataset, batch_size):
+        x = pixels.to(device)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
         scores.append(psnr(rec, x))
         for source, images in zip(shown, (x, rec)):
@@ -127,17 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    trainer.check_args(args)
+    accelerator, model_dir = trainer.start(args, "train_vae")
     preset = load_preset(args.preset)
-    model_dir = Path(args.model_dir or Path(args.output_dir) / "model")
     resolution = args.resolution or preset["resolution"]
-    accelerator = trainer.make_accelerator(args, "train_vae")
     train_set, holdout = trainer.split_dataset(args, resolution)
 
     vae = build_vae(preset)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    models, groups = [vae], [{"params": vae.parameters(), "lr": args.learning_rate}]
+    models, groups = [Autoencode(vae)], [{"params": vae.parameters(), "lr": args.learning_rate}]
     disc = PatchDiscriminator() if args.disc_weight > 0 else None
     if disc is not None:  # one optimizer: the discriminator's loss only reaches its own parameters (see step)
         models.append(disc)
@@ -151,15 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     loader = trainer.make_loader(train_set, args)
     *models, optimizer, loader, lr_scheduler = accelerator.prepare(*models, optimizer, loader,
                                                                    trainer.make_lr_scheduler(optimizer, args))
-    raw_vae = accelerator.unwrap_model(models[0])
+    raw_vae = accelerator.unwrap_model(models[0]).vae
     progress = trainer.Progress()
 
     def step(batch):
         x = batch["pixel_values"]
-        posterior = models[0].encode(x).latent_dist
-        rec = models[0].decode(posterior.sample()).sample
+        rec, mean, logvar = models[0](x)
+        rec = rec.float()
         rec_loss = (rec - x).abs().mean() if args.reconstruction_loss == "l1" else (rec - x).pow(2).mean()
-        kl = posterior.kl().mean() / x[0].numel()
+        kl = kl_to_standard_normal(mean, logvar).mean() / x[0].numel()
         nll = rec_loss + (args.perceptual_weight * perceptual(rec, x) if perceptual is not None else 0)
         loss, logs = nll + args.kl_weight * kl, {"train/rec": rec_loss.item(), "train/kl": kl.item()}
         if disc is not None and progress.step >= args.disc_start:

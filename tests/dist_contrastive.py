@@ -1,4 +1,4 @@
-"""Run under `accelerate launch --num_processes 2 --cpu`: the contrastive loss and its gradients, computed with the
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (on a CPU-only machine: 2 CPU processes over gloo): the contrastive loss and its gradients, computed with the
 global batch split across the processes, equal one process's on the whole batch. Prints OK or raises."""
 
 import torch

@@ -15,30 +15,36 @@ name = "tiny"
 kind = "shapes"
 args = ["--n", "40", "--size", "32"]
 [clip]
-args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
+args = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
 [vae]
-args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
+args = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
 [unet]
-args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none",
-        "--cache-latents", "--validation-prompts", "a red circle"]
+args = ["--preset", "tiny", "--max-steps", "4", "--batch-size", "8", "--holdout", "8", "--report-to", "none",
+        "--cache-latents", "--validation-prompts", "a red circle", "--checkpointing-steps", "2"]
 """
 
 
 def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # the latent cache goes under ~/.cache
+    from test_training import kill_after_checkpoint
+
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY)
-    assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
-    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
-    assert pipe.clip is not None and pipe.vae.config.scaling_factor != 0.18215
+    kill_after_checkpoint(monkeypatch, 2)  # only the U-Net checkpoints at step 2 (CLIP and VAE: at their last, 3)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")])
     stages = sorted(p.stem for p in (tmp_path / "run" / "stages").glob("*.json"))
-    assert stages == ["clip", "data", "unet", "vae"]
+    assert stages == ["clip", "data", "vae"], "the killed U-Net stage is not marked done"
     capsys.readouterr()
-    (tmp_path / "run" / "stages" / "unet.json").unlink()  # as if the U-Net stage had been killed
     assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "[clip] already done" in out and "[vae] already done" in out and "[unet] running" in out
-    assert "resumed from" in out  # the unfinished stage continued from its checkpoint
+    assert "resumed from" in out and "at step 2" in out  # the unfinished stage continued from its checkpoint
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
+    assert pipe.clip is not None and pipe.vae.config.scaling_factor != 0.18215
+    import json
+
+    assert json.loads((tmp_path / "run" / "stages" / "unet.json").read_text())["summary"]["steps"] == 4
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)

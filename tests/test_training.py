@@ -159,22 +159,30 @@ def _unet_args(parts, shapes, out, steps, *extra):
             "--validation-prompts", "x", *QUIET, *extra]
 
 
-def test_resume_gives_the_parameters_of_an_uninterrupted_run(parts, shapes, tmp_path, monkeypatch):
-    """Killed right after the checkpoint at step 4 of 8, then resumed: EMA, optimizer, lr schedule, RNG and data
-    position all continue, and step 8 has the parameters of a run that was never interrupted."""
-    unet_training.main(_unet_args(parts, shapes, tmp_path / "whole", 8))
+def kill_after_checkpoint(monkeypatch, at_step: int):
+    """Make the run die right after writing the checkpoint of `at_step`, as a killed job would."""
     save = trainer.save_checkpoint
 
     def save_then_die(accelerator, output_dir, progress, ema, limit):
         save(accelerator, output_dir, progress, ema, limit)
-        if progress.step == 4:
+        if progress.step == at_step:
+            monkeypatch.setattr(trainer, "save_checkpoint", save)
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(parts, shapes, tmp_path, monkeypatch, accumulation):
+    """Killed right after the checkpoint at step 4 of 8, then resumed: EMA, optimizer, lr schedule, RNG and data
+    position all continue, and step 8 has the parameters of a run that was never interrupted. With accumulation
+    3 over 5 batches an epoch, windows are cut short at every epoch's end."""
+    extra = ("--gradient-accumulation-steps", str(accumulation))
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "whole", 8, *extra))
+    kill_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 8))
-    monkeypatch.setattr(trainer, "save_checkpoint", save)
-    unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 8, "--resume-from-checkpoint", "latest"))
+        unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 8, *extra))
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 8, *extra, "--resume-from-checkpoint", "latest"))
     whole = LatentDiffusionPipeline.from_pretrained(tmp_path / "whole" / "model").unet.state_dict()
     split = LatentDiffusionPipeline.from_pretrained(tmp_path / "split" / "model").unet.state_dict()
     for name in whole:
@@ -270,12 +278,36 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path):
     assert progress.bad_steps == 2 and progress.step == 7
 
 
+def test_non_finite_gradients_of_a_finite_loss_are_skipped_too(tmp_path):
+    """sqrt(0 · w) is 0, and its gradient 0 · ∞ is NaN: the loss looks fine, the step must not be taken."""
+    parser = argparse.ArgumentParser()
+    trainer.add_common_args(parser, lr=0.1, batch_size=1, max_steps=3)
+    args = parser.parse_args(["--data", "unused", "--output-dir", str(tmp_path), "--checkpointing-steps", "1000",
+                              "--lr-warmup-steps", "0", *QUIET])
+    accelerator = trainer.make_accelerator(args, "toy")
+    weight = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(weight.parameters(), lr=0.1)
+    items = [{"x": torch.ones(1), "skipped": 0}] * 10
+    loader = torch.utils.data.DataLoader(items, batch_size=1, collate_fn=lambda b: {"x": b[0]["x"], "skipped": 0})
+    weight, optimizer, loader, scheduler = accelerator.prepare(weight, optimizer, loader,
+                                                               trainer.make_lr_scheduler(optimizer, args))
+    calls = iter([True, False, False, False, False])  # the first step has NaN gradients
+
+    def step(batch):
+        out = weight(batch["x"]).sum()
+        return (torch.sqrt(out * 0) if next(calls) else out), {}
+
+    progress = trainer.train(accelerator, args, [weight], optimizer, scheduler, loader, step)
+    assert progress.bad_steps == 1 and progress.step == 3
+    assert all(torch.isfinite(p).all() for p in weight.parameters())
+
+
 def test_ten_non_finite_losses_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(RuntimeError, match="NaN or infinite 10 times in a row"):
         _toy_run(tmp_path, [1.0] + [float("nan")] * 12)
 
 
-@pytest.mark.parametrize("script", ["train_clip.py", "train_unet.py"])
+@pytest.mark.parametrize("script", ["train_clip.py", "train_vae.py", "train_unet.py"])
 def test_two_processes_under_accelerate_launch(parts, shapes, tmp_path, script):
     model, _, _ = parts
     stage = ["--model", str(model), "--preset", "tiny", "--validation-prompts", "x"] if script == "train_unet.py" \
@@ -295,3 +327,11 @@ def test_distributed_contrastive_loss_equals_the_single_process_loss():
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0 and "OK 2 processes" in result.stdout, result.stderr[-3000:]
+
+
+def test_bf16_with_accumulation_and_checkpointing(parts, shapes, tmp_path):
+    summary = unet_training.main(_unet_args(parts, shapes, tmp_path, 2, "--mixed-precision", "bf16",
+                                            "--gradient-accumulation-steps", "2", "--gradient-checkpointing"))
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())

@@ -177,6 +177,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "caption": self.caption(index), "index": index}
 
 
+def readable_batches(dataset: ImageCaptionDataset, batch_size: int = 32):
+    """Yield (rows, pixels (B, 3, R, R)) over the whole data set in order, leaving out unreadable images."""
+    for start in range(0, len(dataset), batch_size):
+        rows = [(i, dataset.pixels(i)) for i in range(start, min(start + batch_size, len(dataset)))]
+        rows = [(i, p) for i, p in rows if p is not None]
+        if rows:
+            yield [i for i, _ in rows], torch.stack([p for _, p in rows])
+
+
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator for one row in one epoch: reproducible without any shared RNG state."""
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_000_007 + index * 2 & (2**62 - 1))
