@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--seed", type=int, default=0)
     emoji.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
 
+    commands.add_parser("eval", help="evaluate a model (CLIP score, FD, oracle accuracy) over guidance scales",
+                        add_help=False)
+
     recipe = commands.add_parser("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
@@ -122,6 +125,18 @@ def new_model(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # its flags belong to latentdiff.eval_job, which training/evaluate.py runs too
+        from .eval_job import main as eval_main
+
+        try:
+            report = eval_main(argv[1:])
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            print(f"latentdiff eval: error: {error}", file=sys.stderr)
+            return 2
+        if report is not None:
+            print(f"wrote report.json, report.csv, sweep.png and grids to {argv[argv.index('--out') + 1]}")
+        return 0
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as transformers_logging
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTokenizer
 
 from . import trainer
 from .data.loader import readable_batches
-from .models import build_clip, load_preset, text_encoder_from_clip
+from .models import build_clip, load_preset, save_clip_folder, text_encoder_from_clip
 from .tokenizer import train_tokenizer
 
 MAX_LOGIT_SCALE = math.log(100)  # the temperature 1/τ is clamped at 100 (Radford et al. 2021, §2.5)
@@ -78,13 +78,9 @@ def retrieval(clip: CLIPModel, tokenizer: CLIPTokenizer, dataset, batch_size: in
 
 def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> None:
     """MODEL_DIR/tokenizer, /text_encoder and /clip (with tokenizer and image-processor config)."""
-    size = clip.config.vision_config.image_size
     tokenizer.save_pretrained(model_dir / "tokenizer")
     text_encoder_from_clip(clip).save_pretrained(model_dir / "text_encoder", max_shard_size="15MB")
-    clip.save_pretrained(model_dir / "clip", max_shard_size="15MB")
-    tokenizer.save_pretrained(model_dir / "clip")
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_rescale=True,
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(model_dir / "clip")
+    save_clip_folder(clip, tokenizer, model_dir / "clip")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import diffusion, model_folder
-from .models import vae_scale_factor
+from .models import save_clip_folder, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -92,6 +92,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     continue
                 if name in ("tokenizer", "scheduler"):
                     component.save_pretrained(staging / name)
+                elif name == "clip":
+                    save_clip_folder(component, self.tokenizer, staging / name, max_shard_size)
                 else:
                     component.save_pretrained(staging / name, max_shard_size=max_shard_size)
             model_folder.write_model_index(staging, self.scheduler)

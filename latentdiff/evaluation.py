@@ -1,0 +1,190 @@
+"""Evaluation: CLIP score, Fréchet distance in a judge's feature space, shapes oracle accuracy, guidance sweeps.
+
+    latentdiff eval --model DIR --prompts PROMPTS --out REPORT_DIR [--judge JUDGE] [--guidance-scales 1,2,4,7.5]
+
+Definitions (DESIGN.md, "Evaluation definitions"):
+- CLIP score = 100 · cos(image embedding, prompt embedding) per image–prompt pair, averaged and floored at 0, as
+  torchmetrics' CLIPScore computes it; prompts are truncated to the judge's context keeping end-of-text.
+- FD = Fréchet distance between Gaussian fits (float64) of the judge's unit-norm image embeddings of generated and
+  reference images: ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½, the trace from the eigenvalues of Σ₁Σ₂.
+- Oracle accuracy on shapes prompts (GenEval rules): object (the shape is there), colour (in its colour), count
+  (exactly n of them), position (the two objects in the stated relation) and colour binding (both objects, each
+  in its own colour), and their mean.
+Each image's seed depends on its prompt's index and its own, so the numbers do not depend on how many
+processes split the prompts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.oracle import read_scene, relation_between
+from .data.shapes import Scene
+
+ORACLE_TASKS = ("object", "colour", "count", "position", "colour_binding")
+
+
+# 1. Prompts ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Prompt:
+    text: str
+    scene: dict | None = None
+
+
+def load_prompts(source: str | Path, text_column: str = "text") -> tuple[list[Prompt], object | None]:
+    """Prompts from a .txt (one a line), a .jsonl/.csv with a `text` column, or a data set folder (first caption of
+    each row, with its `scene` when there is one); also returns that data set, for reference images."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".txt":
+        return [Prompt(line.strip()) for line in path.read_text().splitlines() if line.strip()], None
+    if path.is_file() and path.suffix in (".jsonl", ".csv"):
+        rows = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.suffix == ".jsonl"
+                else list(csv.DictReader(path.open())))
+        if rows and text_column not in rows[0]:
+            raise ValueError(f"prompts file {source} has no {text_column!r} column; its columns are {list(rows[0])}")
+        return [Prompt(_first(r[text_column]), r.get("scene")) for r in rows], None
+    if path.is_dir():
+        from .data.loader import open_dataset
+
+        dataset = open_dataset(path)
+        scenes = dataset["scene"] if "scene" in dataset.column_names else [None] * len(dataset)
+        return [Prompt(_first(t), s) for t, s in zip(dataset[text_column], scenes)], dataset
+    raise ValueError(f"prompts must be a .txt, .jsonl or .csv file or a data set folder, got {str(source)!r}")
+
+
+def _first(caption) -> str:
+    return caption if isinstance(caption, str) else caption[0]
+
+
+# 2. Judges ------------------------------------------------------------------------------------------------------------
+
+class Judge:
+    """A CLIP that embeds images and prompts: a transformers CLIP folder (the model's own clip/ by default) or an
+    open_clip model with a local checkpoint, `open_clip:ARCH:CHECKPOINT_FILE`."""
+
+    def __init__(self, spec: str | Path, device: str | torch.device = "cpu"):
+        self.spec, self.device = str(spec), torch.device(device)
+        if self.spec.startswith("open_clip:"):
+            import open_clip
+
+            _, arch, checkpoint = self.spec.split(":", 2)
+            model, _, self.preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
+            self.model, self.tokenizer = model.eval().to(self.device), open_clip.get_tokenizer(arch)
+            self.kind = "open_clip"
+        else:
+            from transformers import CLIPModel, CLIPProcessor
+
+            if not (Path(self.spec) / "config.json").is_file():
+                raise ValueError(f"judge must be a CLIP folder or open_clip:ARCH:CHECKPOINT, got {self.spec!r}")
+            self.model = CLIPModel.from_pretrained(self.spec, use_safetensors=True).eval().to(self.device)
+            self.processor = CLIPProcessor.from_pretrained(self.spec)
+            self.kind = "transformers"
+
+    @torch.no_grad()
+    def image_features(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """Unit-norm image embeddings (N, P), float32."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = [im.convert("RGB") for im in images[i: i + batch_size]]
+            if self.kind == "open_clip":
+                features = self.model.encode_image(torch.stack([self.preprocess(im) for im in chunk]).to(self.device))
+            else:
+                pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+                features = _tensor(self.model.get_image_features(pixel_values=pixels))
+            out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit-norm prompt embeddings (N, P); prompts longer than the context keep their end-of-text token."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i: i + batch_size]
+            if self.kind == "open_clip":
+                features = self.model.encode_text(self.tokenizer(chunk).to(self.device))
+            else:
+                tokens = self.processor.tokenizer(chunk, padding=True, truncation=True, return_tensors="pt",
+                                                  max_length=self.model.config.text_config.max_position_embeddings)
+                features = _tensor(self.model.get_text_features(input_ids=tokens.input_ids.to(self.device),
+                                                                attention_mask=tokens.attention_mask.to(self.device)))
+            out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+def _tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 4 / 5
+
+
+# 3. Metrics -----------------------------------------------------------------------------------------------------------
+
+def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> float:
+    """100 · cos per pair, averaged, floored at 0 (torchmetrics' CLIPScore)."""
+    return max(float((100 * (image_features * text_features).sum(-1)).mean()), 0.0)
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (N, D), in float64 (Heusel et al. 2017, eq. 6)."""
+    a, b = features_a.double(), features_b.double()
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"FD needs at least 2 samples on each side, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sigma_a, sigma_b = torch.cov(a.T), torch.cov(b.T)
+    # tr (Σ_a Σ_b)^½ = Σ √λ over the eigenvalues of Σ_a Σ_b, which are real and ≥ 0 up to round-off
+    root_trace = torch.linalg.eigvals(sigma_a @ sigma_b).sqrt().real.sum()
+    return float((mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * root_trace)
+
+
+def inception_fid(generated: list[Image.Image], reference: list[Image.Image], weights: str | Path) -> float:
+    """Classic FID (Inception-v3 pool features) with the user's own weights file, through torchmetrics."""
+    if not Path(weights).is_file():
+        raise ValueError(f"--inception-weights must be an existing weights file, got {str(weights)!r}")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
+    except ModuleNotFoundError as error:
+        raise ValueError(f"Inception FID needs torch-fidelity (pip install torch-fidelity): {error}") from error
+    for images, real in ((reference, True), (generated, False)):
+        pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+        fid.update(pixels, real=real)
+    return float(fid.compute())
+
+
+def oracle_scores(scene: dict, image: Image.Image) -> dict[str, bool]:
+    """The GenEval-style checks that apply to this scene's task."""
+    truth, read = Scene.from_dict(scene), read_scene(image)
+    def found(o):
+        return [r for r in read.objects if r.shape == o.shape and r.colour == o.colour]
+    if truth.task == "single":
+        o = truth.objects[0]
+        return {"object": any(r.shape == o.shape for r in read.objects), "colour": bool(found(o))}
+    if truth.task == "count":
+        o = truth.objects[0]
+        return {"count": read.count(o.shape, o.colour) == len(truth.objects)}
+    a, b = truth.objects
+    both = bool(found(a)) and bool(found(b))
+    return {"colour_binding": both, "position": both and relation_between(found(a)[0], found(b)[0]) == truth.relation}
+
+
+def oracle_accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
+    """Per task, the fraction of its checks that passed; "mean" over the tasks present."""
+    result = {}
+    for task in ORACLE_TASKS:
+        values = [c[task] for c in checks if task in c]
+        if values:
+            result[task] = sum(values) / len(values)
+    if result:
+        result["mean"] = sum(result.values()) / len(result)
+    return result
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    return seed + 100_003 * prompt_index + image_index

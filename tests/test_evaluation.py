@@ -1,0 +1,203 @@
+"""Evaluation: our CLIP score and FD against torchmetrics, the oracle's scores, and the job's reports."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff import evaluation as ev
+from latentdiff import new_pipeline
+from latentdiff.data.imagefolder import write_imagefolder
+from latentdiff.data.shapes import sample_scene, shapes_rows
+from latentdiff.eval_job import main as eval_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "tiny"
+    new_pipeline("tiny", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "shapes"
+    write_imagefolder(path, shapes_rows(24, 32, seed=0))
+    return path
+
+
+def _images(n, seed=0, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy())
+            for _ in range(n)]
+
+
+class _Unwrapped(torch.nn.Module):
+    """transformers 5 returns output objects from get_*_features; torchmetrics 1.9 expects tensors."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip, self.config = clip, clip.config
+
+    def get_image_features(self, *args, **kwargs):
+        return ev._tensor(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return ev._tensor(self.clip.get_text_features(*args, **kwargs))
+
+
+def test_clip_score_equals_torchmetrics(model):
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    judge = ev.Judge(model / "clip")
+    images, texts = _images(6), ["a red circle", "two blue stars", "a tiger", "", "🐯 tiger", "a green cross above"]
+    ours = ev.clip_score(judge.image_features(images), judge.text_features(texts))
+    metric = CLIPScore(model_name_or_path=lambda: (_Unwrapped(judge.model), judge.processor))
+    theirs = metric(torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images]), texts)
+    assert ours == pytest.approx(float(theirs), abs=1e-3)
+
+
+class _JudgeFeatures(torch.nn.Module):
+    def __init__(self, judge):
+        super().__init__()
+        self.judge = judge
+
+    def forward(self, images):  # (N, 3, H, W) uint8, as torchmetrics' FID hands them over
+        return self.judge.image_features([Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in images]).double()
+
+
+def test_fd_equals_torchmetrics_fid_with_the_same_features(model):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    judge = ev.Judge(model / "clip")
+    real, fake = _images(40, seed=1), [im.rotate(90) for im in _images(40, seed=2)]
+    fid = FrechetInceptionDistance(feature=_JudgeFeatures(judge))
+    as_uint8 = lambda ims: torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in ims])  # noqa: E731
+    fid.update(as_uint8(real), real=True)
+    fid.update(as_uint8(fake), real=False)
+    ours = ev.frechet_distance(judge.image_features(fake), judge.image_features(real))
+    assert ours == pytest.approx(float(fid.compute()), rel=1e-3)
+
+
+def test_fd_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 8, generator=g)
+    assert abs(ev.frechet_distance(features, features)) < 1e-6
+    noise = torch.randn(200, 8, generator=g)
+    distances = [ev.frechet_distance(features + s * noise, features) for s in (0.1, 0.3, 0.6, 1.0)]
+    assert distances == sorted(distances) and distances[0] > 0
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ev.frechet_distance(features[:1], features)
+
+
+def test_oracle_scores_real_renders_right_and_noise_near_zero():
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 64) for _ in range(300)]
+    real = ev.oracle_accuracy([ev.oracle_scores(s.to_dict(), s.render(64)) for s in scenes])
+    assert set(real) == {*ev.ORACLE_TASKS, "mean"} and min(real.values()) >= 0.99, real
+    noise = ev.oracle_accuracy([ev.oracle_scores(s.to_dict(), im) for s, im in zip(scenes, _images(300, size=64))])
+    assert noise["mean"] <= 0.1, noise
+
+
+def test_prompts_from_files_and_folders(tmp_path, prompts):
+    (tmp_path / "p.txt").write_text("a tiger\n\na red apple\n")
+    (tmp_path / "p.jsonl").write_text('{"text": "a tiger"}\n{"text": ["a car", "an automobile"]}\n')
+    (tmp_path / "p.csv").write_text("text,other\na tiger,1\n")
+    assert [p.text for p in ev.load_prompts(tmp_path / "p.txt")[0]] == ["a tiger", "a red apple"]
+    assert [p.text for p in ev.load_prompts(tmp_path / "p.jsonl")[0]] == ["a tiger", "a car"]
+    assert [p.text for p in ev.load_prompts(tmp_path / "p.csv")[0]] == ["a tiger"]
+    from_folder, dataset = ev.load_prompts(prompts)
+    assert len(from_folder) == 24 and from_folder[0].scene["objects"] and dataset is not None
+    (tmp_path / "bad.csv").write_text("caption\nx\n")
+    with pytest.raises(ValueError, match=r"has no 'text' column; its columns are \['caption'\]"):
+        ev.load_prompts(tmp_path / "bad.csv")
+
+
+def _run(model, prompts, out, *extra):
+    return ["--model", str(model), "--prompts", str(prompts), "--out", str(out), "--guidance-scales", "1,7.5",
+            "--steps", "3", "--images-per-prompt", "2", "--max-prompts", "8", "--batch-size", "4", *extra]
+
+
+def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, tmp_path):
+    report = eval_main(_run(model, prompts, tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-s1.png", "grid-s7.5.png", "report.csv", "report.json",
+                                                          "sweep.png"]
+    assert [r["guidance_scale"] for r in report["scales"]] == [1.0, 7.5]
+    for row in report["scales"]:
+        assert row["images"] == 16 and row["fd_generated"] == 16 and row["fd_reference"] == 24
+        assert set(row["oracle"]) >= {"mean"} and row["clip_score"] >= 0 and row["seconds"] > 0
+    assert json.loads((tmp_path / "report.json").read_text())["judge"].endswith("clip")
+
+
+def test_reference_images_can_be_any_image_folder(model, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a tiger\na red apple\n")
+    reference = tmp_path / "real"
+    reference.mkdir()
+    for i, image in enumerate(_images(5, seed=9)):
+        image.save(reference / f"{i}.png")
+    report = eval_main(["--model", str(model), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "r"),
+                        "--reference", str(reference), "--guidance-scales", "3", "--steps", "2",
+                        "--images-per-prompt", "2"])
+    row, = report["scales"]
+    assert row["fd_reference"] == 5 and row["fd_generated"] == 4 and "oracle" not in row
+
+
+def test_two_processes_give_the_same_report(model, prompts, tmp_path):
+    single = eval_main(_run(model, prompts, tmp_path / "one"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "training" / "evaluate.py"), *_run(model, prompts, tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert double["processes"] == 2 and single["processes"] == 1
+    for a, b in zip(single["scales"], double["scales"]):  # equal up to float32 round-off of other batch shapes
+        assert a["clip_score"] == pytest.approx(b["clip_score"], rel=1e-5)
+        assert a["fd"] == pytest.approx(b["fd"], rel=1e-3) and a["oracle"] == b["oracle"]
+
+
+def test_bad_eval_arguments_are_named(model, prompts, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    assert main(["eval", *_run(model, prompts, tmp_path)[:-10], "--guidance-scales", "1,x"]) == 2
+    assert "--guidance-scales must be comma-separated finite numbers ≥ 0, got '1,x'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model), "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path)]) == 2
+    assert "prompts must be a .txt, .jsonl or .csv file or a data set folder" in capsys.readouterr().err
+
+
+def test_an_open_clip_model_with_a_local_checkpoint_can_judge(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "tiny-judge.json").write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}))
+    open_clip.add_model_config(config_dir)
+    model = open_clip.create_model("tiny-judge")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "judge.safetensors")
+    judge = ev.Judge(f"open_clip:tiny-judge:{tmp_path / 'judge.safetensors'}")
+    images = judge.image_features(_images(3))
+    texts = judge.text_features(["a tiger", "a red apple " * 40, ""])  # the long one is truncated
+    assert images.shape == texts.shape == (3, 32)
+    torch.testing.assert_close(images.norm(dim=-1), torch.ones(3))
+    with torch.no_grad():  # the same weights the checkpoint holds
+        direct = torch.nn.functional.normalize(model.encode_text(open_clip.get_tokenizer("tiny-judge")(["a tiger"])), dim=-1)
+    torch.testing.assert_close(texts[:1], direct)
+
+
+def test_inception_fid_needs_a_weights_file(model, prompts, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    assert main(["eval", *_run(model, prompts, tmp_path), "--inception-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "--inception-weights must be an existing weights file" in capsys.readouterr().err
