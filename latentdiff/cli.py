@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"latentdiff eval: error: {error}", file=sys.stderr)
             return 2
         if report is not None:
-            print(f"wrote report.json, report.csv, sweep.png and grids to {argv[argv.index('--out') + 1]}")
+            print(f"wrote report.json, report.csv, sweep.png and grids to {report['out']}")
         return 0
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as transformers_logging

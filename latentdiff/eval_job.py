@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -70,9 +71,9 @@ def generate(pipe, prompts: list[ev.Prompt], indices: list[int], scale: float, a
 
 def reference_images(args, dataset) -> list[Image.Image]:
     if args.reference:
-        import datasets
+        from .data.loader import open_dataset
 
-        dataset = datasets.load_dataset("imagefolder", data_dir=args.reference, split="train")
+        dataset = open_dataset(args.reference)
     if dataset is None:
         return []
     column = "image" if "image" in dataset.column_names else dataset.column_names[0]
@@ -108,8 +109,12 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     args = build_parser().parse_args(argv)
     scales = parse_scales(args.guidance_scales)
-    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
-        raise ValueError(f"--inception-weights must be an existing weights file, got {args.inception_weights!r}")
+    if args.inception_weights is not None:
+        if not Path(args.inception_weights).is_file():
+            raise ValueError(f"--inception-weights must be an existing weights file, got {args.inception_weights!r}")
+        ev.check_inception_available()
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be ≥ 1, got {args.max_prompts}")
     for name in ("steps", "images_per_prompt", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
@@ -136,21 +141,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     for scale in tqdm(scales, desc="guidance scales", disable=not state.is_main_process):
         started = time.time()
         with state.split_between_processes(list(range(len(prompts)))) as mine:
-            local = generate(pipe, prompts, mine, scale, args, show=state.is_main_process)
-            features = judge.image_features([im for _, _, im in local])
-            texts = judge.text_features([prompts[i].text for i, _, _ in local])
+            local = generate(pipe, prompts, mine, scale, args, show=state.is_main_process)  # [] with no prompts
+            # numpy rows: a row of a torch tensor pickles its whole storage, which the gather would ship N times
+            features = judge.image_features([im for _, _, im in local]).numpy() if local else []
+            texts = judge.text_features([prompts[i].text for i, _, _ in local]).numpy() if local else []
             checks = [ev.oracle_scores(prompts[i].scene, im) if prompts[i].scene else None for i, _, im in local]
             shown = [(i, k, im) for i, k, im in local if i * args.images_per_prompt + k < 16]
         keep_images = args.inception_weights is not None
-        gathered = gather_object([(i, k, f, t, c, im if keep_images else None)
+        gathered = gather_object([(i, k, f.copy(), t.copy(), c, im if keep_images else None)
                                   for (i, k, im), f, t, c in zip(local, features, texts, checks)])
         gathered_grid = gather_object(shown)
         if not state.is_main_process:
             continue
         gathered.sort(key=lambda r: (r[0], r[1]))  # the same order whatever the process count
-        image_features = torch.stack([r[2] for r in gathered])
-        row = {"guidance_scale": scale, "clip_score": ev.clip_score(image_features, torch.stack([r[3] for r in gathered])),
-               "images": len(gathered)}
+        image_features = torch.from_numpy(np.stack([r[2] for r in gathered]))
+        text_features = torch.from_numpy(np.stack([r[3] for r in gathered]))
+        row = {"guidance_scale": scale, "clip_score": ev.clip_score(image_features, text_features),
+               "images": len(gathered), "image_size": gathered_grid[0][2].size[0] if gathered_grid else None}
         if reference is not None and len(reference) >= 2:
             row.update(fd=ev.frechet_distance(image_features, reference), fd_generated=len(gathered),
                        fd_reference=len(reference))
@@ -165,7 +172,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         image_grid(grid, cols=args.images_per_prompt).save(out / f"grid-s{scale:g}.png")
     if not state.is_main_process:
         return None
-    report = {"model": str(model_dir), "judge": str(judge_spec), "prompts": len(prompts), "steps": args.steps,
+    small = [r["image_size"] for r in rows if r.get("oracle") and r["image_size"] and r["image_size"] < 64]
+    if small:
+        print(f"warning: oracle accuracy on {small[0]} px images is unreliable (it needs ≥ 64 px; see README)")
+    report = {"out": str(out), "model": str(model_dir), "judge": str(judge_spec), "prompts": len(prompts),
+              "steps": args.steps,
               "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
               "images_per_prompt": args.images_per_prompt, "processes": state.num_processes, "scales": rows}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -122,9 +122,9 @@ def test_prompts_from_files_and_folders(tmp_path, prompts):
         ev.load_prompts(tmp_path / "bad.csv")
 
 
-def _run(model, prompts, out, *extra):
+def _run(model, prompts, out, *extra, max_prompts=8):
     return ["--model", str(model), "--prompts", str(prompts), "--out", str(out), "--guidance-scales", "1,7.5",
-            "--steps", "3", "--images-per-prompt", "2", "--max-prompts", "8", "--batch-size", "4", *extra]
+            "--steps", "3", "--images-per-prompt", "2", "--max-prompts", str(max_prompts), "--batch-size", "4", *extra]
 
 
 def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, tmp_path):
@@ -134,7 +134,12 @@ def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, t
     assert [r["guidance_scale"] for r in report["scales"]] == [1.0, 7.5]
     for row in report["scales"]:
         assert row["images"] == 16 and row["fd_generated"] == 16 and row["fd_reference"] == 24
-        assert set(row["oracle"]) >= {"mean"} and row["clip_score"] >= 0 and row["seconds"] > 0
+        assert set(row["oracle"]) >= {"mean"} and row["seconds"] > 0 and row["image_size"] == 32
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert [float(r["guidance_scale"]) for r in rows] == [1.0, 7.5] and rows[0]["fd"] and rows[0]["oracle_mean"]
+    assert Image.open(tmp_path / "sweep.png").size[0] > 300
     assert json.loads((tmp_path / "report.json").read_text())["judge"].endswith("clip")
 
 
@@ -151,16 +156,18 @@ def test_reference_images_can_be_any_image_folder(model, tmp_path):
     assert row["fd_reference"] == 5 and row["fd_generated"] == 4 and "oracle" not in row
 
 
-def test_two_processes_give_the_same_report(model, prompts, tmp_path):
-    single = eval_main(_run(model, prompts, tmp_path / "one"))
+@pytest.mark.parametrize("count", [7, 1], ids=["uneven-split", "one-rank-idle"])
+def test_two_processes_give_the_same_report(model, prompts, tmp_path, count):
+    single = eval_main(_run(model, prompts, tmp_path / "one", max_prompts=count))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "training" / "evaluate.py"), *_run(model, prompts, tmp_path / "two")]
+               str(REPO / "training" / "evaluate.py"), *_run(model, prompts, tmp_path / "two", max_prompts=count)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     double = json.loads((tmp_path / "two" / "report.json").read_text())
-    assert double["processes"] == 2 and single["processes"] == 1
+    assert double["processes"] == 2 and single["processes"] == 1 and len(single["scales"]) == len(double["scales"])
     for a, b in zip(single["scales"], double["scales"]):  # equal up to float32 round-off of other batch shapes
+        assert a["images"] == b["images"] == 2 * count
         assert a["clip_score"] == pytest.approx(b["clip_score"], rel=1e-5)
         assert a["fd"] == pytest.approx(b["fd"], rel=1e-3) and a["oracle"] == b["oracle"]
 
@@ -190,6 +197,8 @@ def test_an_open_clip_model_with_a_local_checkpoint_can_judge(tmp_path):
     images = judge.image_features(_images(3))
     texts = judge.text_features(["a tiger", "a red apple " * 40, ""])  # the long one is truncated
     assert images.shape == texts.shape == (3, 32)
+    long_tokens = open_clip.get_tokenizer("tiny-judge")(["a red apple " * 40])
+    assert long_tokens[0, -1] == 49407, "open_clip's truncation keeps end-of-text"
     torch.testing.assert_close(images.norm(dim=-1), torch.ones(3))
     with torch.no_grad():  # the same weights the checkpoint holds
         direct = torch.nn.functional.normalize(model.encode_text(open_clip.get_tokenizer("tiny-judge")(["a tiger"])), dim=-1)
