@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .schedulers import SCHEDULER_NAMES
 
+STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+PROVENANCE_FILES = ("recipe.json",)
 
 
 def _positive_int(text: str) -> int:
@@ -70,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
     recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet")
 
+    export = commands.add_parser("export", help="copy a model folder with its weights stored in another precision")
+    export.add_argument("model", help="model folder to copy")
+    export.add_argument("--out", required=True, help="folder to write (e.g. latentdiff/assets/default-model)")
+    export.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="fp16",
+                        help="precision of the stored weights (default: fp16, half the size; they load as fp32)")
+
     new = commands.add_parser("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
     new.add_argument("--out", required=True, help="folder to write")
@@ -117,6 +125,42 @@ def make_data(args) -> str:
             "sequences the font does not draw as one glyph")
 
 
+def export_model(args) -> tuple[Path, int]:
+    """The model folder again, weights cast to --dtype (safetensors, shards ≤ 15 MB), with its provenance files.
+    Every component loads back as float32 by default, in latentdiff and in diffusers' StableDiffusionPipeline."""
+    import json
+    import shutil
+
+    import torch
+
+    from .model_folder import resolve_model_dir
+    from .pipeline import LatentDiffusionPipeline
+
+    source, out = resolve_model_dir(args.model), Path(args.out)
+    if out.resolve() == source.resolve():
+        raise ValueError(f"--out must differ from the model folder, got {args.out!r} for both")
+    pipe = LatentDiffusionPipeline.from_pretrained(source)
+    pipe.to(dtype=getattr(torch, STORAGE_DTYPES[args.dtype]))
+    for component in ("unet", "vae", "text_encoder", "clip"):
+        module = getattr(pipe, component)
+        for name, tensor in (module.state_dict().items() if module is not None else ()):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"--dtype {args.dtype} cannot hold {component}.{name}: it overflows (max |x| = "
+                                 f"{tensor.float().abs().max():.3g} before the cast); use a wider --dtype")
+    pipe.save_pretrained(out)
+    for folder in ("text_encoder", "clip"):  # transformers loads a model in the dtype its config names
+        config = out / folder / "config.json"
+        if config.is_file():
+            config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float32"}, indent=2) + "\n")
+    for name in PROVENANCE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+        elif (out / name).is_file():
+            (out / name).unlink()  # a stale record of another model
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    return out, size
+
+
 def new_model(args) -> Path:
     from .models import new_pipeline
 
@@ -151,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")
         elif args.command == "data":
             print(make_data(args))
+        elif args.command == "export":
+            out, size = export_model(args)
+            print(f"wrote {out} ({size / 2**20:.1f} MiB of {args.dtype} weights)")
         elif args.command == "new-model":
             print(f"wrote an untrained model to {new_model(args)}")
     except (ValueError, TypeError, FileNotFoundError) as error:  # bad input: a message, not a traceback

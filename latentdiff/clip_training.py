@@ -21,6 +21,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from . import trainer
 from .data.loader import readable_batches
+from .evaluation import two_way_retrieval
 from .models import build_clip, load_preset, save_clip_folder, text_encoder_from_clip
 from .tokenizer import train_tokenizer
 
@@ -41,9 +42,12 @@ def embed_texts(clip: CLIPModel, input_ids: torch.Tensor) -> torch.Tensor:
     return F.normalize(_features(clip.get_text_features(input_ids=input_ids)).float(), dim=-1)
 
 
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device=None) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device=None, full_context: bool = True) -> torch.Tensor:
+    """Token ids, truncated to the context. `full_context` pads to it, as the pipeline does for the U-Net's text
+    states; CLIP training pads to the longest caption instead: its pooled feature is read at the end-of-text token
+    under a causal mask, so padding after that token changes nothing and only costs compute."""
+    return tokenizer(captions, padding="max_length" if full_context else "longest", truncation=True,
+                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
 
 
 def contrastive_loss(accelerator):
@@ -62,18 +66,12 @@ def retrieval(clip: CLIPModel, tokenizer: CLIPTokenizer, dataset, batch_size: in
     for rows, pixels in readable_batches(dataset, batch_size):
         image_emb.append(embed_images(clip, pixels.to(device)))
         captions += [c if isinstance(c, str) else c[0] for c in (dataset.captions[i] for i in rows)]
-    image_emb = torch.cat(image_emb)
-    text_emb = torch.cat([embed_texts(clip, tokenize(tokenizer, captions[i: i + batch_size], device))
-                          for i in range(0, len(captions), batch_size)])
-    similarity = image_emb @ text_emb.T  # (N images, N texts)
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    label = torch.tensor([ids[c] for c in captions], device=similarity.device)
-    result = {"holdout_size": len(captions), "chance_top1": 1 / len(ids)}
-    for name, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
-        ranked = label[scores.argsort(dim=1, descending=True)]  # caption id of each retrieved item
-        for k in (1, 5):
-            result[f"{name}_top{k}"] = (ranked[:, :k] == label[:, None]).any(1).float().mean().item()
-    return result
+    image_emb, distinct = torch.cat(image_emb), list(dict.fromkeys(captions))
+    chunks = [distinct[i: i + batch_size] for i in range(0, len(distinct), batch_size)]
+    text_emb = torch.cat([embed_texts(clip, tokenize(tokenizer, chunk, device, full_context=False))
+                          for chunk in chunks])
+    return {"holdout_size": len(captions), "chance_top1": 1 / len(distinct),
+            **two_way_retrieval(image_emb.cpu(), captions, text_emb.cpu())}
 
 
 def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> None:
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step(batch):
         with torch.no_grad():
             raw.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        ids = tokenize(tokenizer, batch["captions"], accelerator.device)
+        ids = tokenize(tokenizer, batch["captions"], accelerator.device, full_context=False)
         out = clip(input_ids=ids, pixel_values=batch["pixel_values"])  # image_embeds / text_embeds: unit norm
         loss = loss_fn(out.image_embeds, out.text_embeds, raw.logit_scale.exp())
         return loss, {"train/logit_scale": raw.logit_scale.exp().item()}

@@ -2,7 +2,8 @@
 prompts; every image has its own seed, so the report does not depend on the process count).
 
 Writes REPORT_DIR/report.json, report.csv, sweep.png (CLIP score and FD against guidance scale) and
-grid-s{scale}.png (the first 16 images at each scale).
+grid-s{scale}.png (the first 16 images at each scale, each under its prompt, enlarged to ≥ 128 px by
+pixel repetition).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    parser.add_argument("--sample-prompts", type=int, default=None,
+                        help="evaluate N prompts spread evenly over the list (after --max-prompts; deterministic)")
+    parser.add_argument("--candidates", default=None,
+                        help="texts the judge ranks for each generated image, as PROMPTS takes them "
+                             "(default: every distinct prompt, before --max-prompts/--sample-prompts)")
     parser.add_argument("--max-reference", type=int, default=2000, help="reference images used for FD")
     parser.add_argument("--inception-weights", default=None,
                         help="Inception-v3 weights file: also report classic FID (needs torch-fidelity)")
@@ -69,16 +75,51 @@ def generate(pipe, prompts: list[ev.Prompt], indices: list[int], scale: float, a
     return out
 
 
-def reference_images(args, dataset) -> list[Image.Image]:
+def reference_images(args, dataset) -> tuple[list[Image.Image], list[str] | None]:
+    """The first --max-reference real images, with their first captions when the data set has a text column."""
     if args.reference:
         from .data.loader import open_dataset
 
         dataset = open_dataset(args.reference)
     if dataset is None:
-        return []
+        return [], None
     column = "image" if "image" in dataset.column_names else dataset.column_names[0]
-    count = min(len(dataset), args.max_reference)
-    return [dataset[i][column].convert("RGB") for i in range(count)]
+    rows = dataset.select(range(min(len(dataset), args.max_reference)))
+    texts = rows["text"] if "text" in rows.column_names else []
+    # retrieval needs a caption on every image: a folder with some missing is used for FD only
+    captions = [ev.first_caption(t) for t in texts] if texts and all(t for t in texts) else None
+    return [row[column].convert("RGB") for row in rows], captions
+
+
+def load_candidates(source: str | None, prompts: list[ev.Prompt], everything: list[ev.Prompt]) -> list[str]:
+    """The distinct texts the judge ranks for each generated image: --candidates, or every prompt of --prompts
+    (before --max-prompts/--sample-prompts). Every evaluated prompt must be among them."""
+    if source is None:
+        return list(dict.fromkeys(p.text for p in everything))
+    try:
+        candidates = list(dict.fromkeys(p.text for p in ev.load_prompts(source)[0]))
+    except ValueError as error:
+        raise ValueError(f"--candidates: {error}") from None
+    known = set(candidates)
+    missing = [p.text for p in prompts if p.text not in known]
+    if missing:
+        raise ValueError(f"--candidates {source} must hold every evaluated prompt; it lacks {len(missing)}, "
+                         f"e.g. {missing[0]!r}")
+    return candidates
+
+
+def subsample(prompts: list, count: int) -> list:
+    """`count` items spread evenly over `prompts`, in order (all of them when there are fewer)."""
+    if count >= len(prompts):
+        return prompts
+    return [prompts[i] for i in np.linspace(0, len(prompts) - 1, count).round().astype(int)]
+
+
+def judge_reference(judge: ev.Judge, features: torch.Tensor, captions: list[str]) -> dict:
+    """How well the judge itself matches real images to their captions: text→image and image→text retrieval."""
+    distinct = list(dict.fromkeys(captions))
+    return {"images": len(captions), "distinct_captions": len(distinct),
+            **ev.two_way_retrieval(features, captions, judge.text_features(distinct))}
 
 
 def sweep_plot(rows: list[dict], path: Path) -> None:
@@ -113,16 +154,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not Path(args.inception_weights).is_file():
             raise ValueError(f"--inception-weights must be an existing weights file, got {args.inception_weights!r}")
         ev.check_inception_available()
-    if args.max_prompts is not None and args.max_prompts < 1:
-        raise ValueError(f"--max-prompts must be ≥ 1, got {args.max_prompts}")
+    for name in ("max_prompts", "sample_prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     for name in ("steps", "images_per_prompt", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     state = PartialState(cpu=not torch.cuda.is_available())
     prompts, dataset = ev.load_prompts(args.prompts)
-    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
     if not prompts:
         raise ValueError(f"--prompts {args.prompts} holds no prompts")
+    everything = prompts
+    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
+    prompts = subsample(prompts, args.sample_prompts) if args.sample_prompts else prompts
+    candidates = load_candidates(args.candidates, prompts, everything)
     model_dir = resolve_model_dir(args.model)
     judge_spec = args.judge or model_dir / "clip"
     pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device)
@@ -130,8 +175,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     judge = ev.Judge(judge_spec, state.device)
-    real_images = reference_images(args, dataset) if state.is_main_process else []
+    real_images, real_captions = reference_images(args, dataset) if state.is_main_process else ([], None)
     reference = judge.image_features(real_images) if real_images else None
+    candidate_features = judge.text_features(candidates) if state.is_main_process else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -158,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         text_features = torch.from_numpy(np.stack([r[3] for r in gathered]))
         row = {"guidance_scale": scale, "clip_score": ev.clip_score(image_features, text_features),
                "images": len(gathered), "image_size": gathered_grid[0][2].size[0] if gathered_grid else None}
+        # the judge ranks every candidate text for each generated image: is the image's own prompt among its top k?
+        retrieved = ev.retrieval_accuracy(image_features, candidate_features, [prompts[r[0]].text for r in gathered],
+                                          candidates)
+        row.update({f"retrieval_{k}": v for k, v in retrieved.items()}, retrieval_candidates=len(candidates))
         if reference is not None and len(reference) >= 2:
             row.update(fd=ev.frechet_distance(image_features, reference), fd_generated=len(gathered),
                        fd_reference=len(reference))
@@ -168,8 +218,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             row["oracle"] = oracle
         row["seconds"] = round(time.time() - started, 2)
         rows.append(row)
-        grid = [im for _, _, im in sorted(gathered_grid, key=lambda r: (r[0], r[1]))]
-        image_grid(grid, cols=args.images_per_prompt).save(out / f"grid-s{scale:g}.png")
+        tiles = sorted(gathered_grid, key=lambda r: (r[0], r[1]))
+        image_grid([im for _, _, im in tiles], cols=min(args.images_per_prompt, 16) if args.images_per_prompt > 1
+                   else None, labels=[prompts[i].text for i, _, _ in tiles],
+                   zoom=-(-128 // tiles[0][2].size[0])).save(out / f"grid-s{scale:g}.png")
     if not state.is_main_process:
         return None
     small = [r["image_size"] for r in rows if r.get("oracle") and r["image_size"] and r["image_size"] < 64]
@@ -179,10 +231,12 @@ def main(argv: list[str] | None = None) -> dict | None:
               "steps": args.steps,
               "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
               "images_per_prompt": args.images_per_prompt, "processes": state.num_processes, "scales": rows}
+    if reference is not None and real_captions is not None:
+        report["judge_on_reference"] = judge_reference(judge, reference, real_captions)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "report.csv", "w", newline="") as f:
-        columns = ["guidance_scale", "clip_score", "fd", "fd_generated", "fd_reference", "inception_fid", "images",
-                   "seconds"]
+        columns = ["guidance_scale", "clip_score", "retrieval_top1", "retrieval_top5", "retrieval_candidates", "fd",
+                   "fd_generated", "fd_reference", "inception_fid", "images", "seconds"]
         columns += [f"oracle_{t}" for t in (*ev.ORACLE_TASKS, "mean")]
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -7,6 +7,9 @@ Definitions (DESIGN.md, "Evaluation definitions"):
   torchmetrics' CLIPScore computes it; prompts are truncated to the judge's context keeping end-of-text.
 - FD = Fréchet distance between Gaussian fits (float64) of the judge's unit-norm image embeddings of generated and
   reference images: ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½, the trace from the eigenvalues of Σ₁Σ₂.
+- Retrieval: for each generated image, the judge ranks every candidate text (by default every distinct prompt of
+  the set); top-k accuracy is the fraction of images whose own prompt is among the k best. The judge's own quality
+  is the same measure on real captioned images (text→image: each distinct caption ranks every image).
 - Oracle accuracy on shapes prompts (GenEval rules): object (the shape is there), colour (in its colour), count
   (exactly n of that shape in that colour — GenEval counts the class alone; our count prompts name the colour),
   position (some detected pair of the two objects in the stated relation) and colour binding (both objects, each
@@ -52,17 +55,17 @@ def load_prompts(source: str | Path, text_column: str = "text") -> tuple[list[Pr
         if rows and text_column not in rows[0]:
             raise ValueError(f"prompts file {source} has no {text_column!r} column; its columns are {list(rows[0])}")
         scene = lambda r: json.loads(r["scene"]) if isinstance(r.get("scene"), str) else r.get("scene")  # noqa: E731
-        return [Prompt(_first(r[text_column]), scene(r)) for r in rows], None
+        return [Prompt(first_caption(r[text_column]), scene(r)) for r in rows], None
     if path.is_dir():
         from .data.loader import open_dataset
 
         dataset = open_dataset(path)
         scenes = dataset["scene"] if "scene" in dataset.column_names else [None] * len(dataset)
-        return [Prompt(_first(t), s) for t, s in zip(dataset[text_column], scenes)], dataset
+        return [Prompt(first_caption(t), s) for t, s in zip(dataset[text_column], scenes)], dataset
     raise ValueError(f"prompts must be a .txt, .jsonl or .csv file or a data set folder, got {str(source)!r}")
 
 
-def _first(caption) -> str:
+def first_caption(caption) -> str:
     return caption if isinstance(caption, str) else caption[0]
 
 
@@ -86,7 +89,8 @@ class Judge:
 
             if not (Path(self.spec) / "config.json").is_file():
                 raise ValueError(f"judge must be a CLIP folder or open_clip:ARCH:CHECKPOINT, got {self.spec!r}")
-            self.model = CLIPModel.from_pretrained(self.spec, use_safetensors=True).eval().to(self.device)
+            model = CLIPModel.from_pretrained(self.spec, use_safetensors=True, dtype=torch.float32)  # not as stored
+            self.model = model.eval().to(self.device)
             self.processor = CLIPProcessor.from_pretrained(self.spec)
             self.kind = "transformers"
 
@@ -130,6 +134,40 @@ def _tensor(output) -> torch.Tensor:
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> float:
     """100 · cos per pair, averaged, floored at 0 (torchmetrics' CLIPScore)."""
     return max(float((100 * (image_features * text_features).sum(-1)).mean()), 0.0)
+
+
+def retrieval_accuracy(queries: torch.Tensor, candidates: torch.Tensor, query_labels: list, candidate_labels: list,
+                       ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k retrieval accuracy: the fraction of queries (N, D) for which one of the k candidates (M, D) most
+    similar to it (cosine; the features are unit-norm) carries the query's label. Candidates with equal labels are
+    interchangeable (two emoji named alike, one caption on several images)."""
+    if len(queries) == 0 or len(candidates) == 0:
+        raise ValueError(f"retrieval needs queries and candidates, got {len(queries)} and {len(candidates)}")
+    if len(query_labels) != len(queries) or len(candidate_labels) != len(candidates):
+        raise ValueError(f"retrieval needs one label per query and per candidate, got {len(query_labels)} labels for "
+                         f"{len(queries)} queries and {len(candidate_labels)} for {len(candidates)} candidates")
+    ids = {label: i for i, label in enumerate(dict.fromkeys([*candidate_labels, *query_labels]))}
+    target = torch.tensor([ids[label] for label in query_labels])
+    owner = torch.tensor([ids[label] for label in candidate_labels])
+    similarity = queries.float().cpu() @ candidates.float().cpu().T
+    top = similarity.topk(min(max(ks), len(candidates)), dim=1).indices
+    hit = owner[top] == target[:, None]  # (N, k): does the i-th retrieved candidate carry the query's label
+    return {f"top{k}": hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def two_way_retrieval(image_features: torch.Tensor, captions: list[str], text_features: torch.Tensor) -> dict:
+    """Image→text over the distinct captions and text→image from each distinct caption over every image, top 1
+    and top 5. `captions` has one entry per image; `text_features` one row per distinct caption, in the order of
+    `list(dict.fromkeys(captions))`: a repeated wrong caption must not take two of an image's top-k places."""
+    distinct = list(dict.fromkeys(captions))
+    if len(text_features) != len(distinct):
+        raise ValueError(f"two_way_retrieval needs one text feature per distinct caption ({len(distinct)}), "
+                         f"got {len(text_features)}")
+    result = {}
+    for name, args in (("image_to_text", (image_features, text_features, captions, distinct)),
+                       ("text_to_image", (text_features, image_features, distinct, captions))):
+        result.update({f"{name}_{k}": v for k, v in retrieval_accuracy(*args).items()})
+    return result
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:

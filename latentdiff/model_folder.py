@@ -68,7 +68,7 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     folders = WEIGHT_FOLDERS + ("clip",)
-    patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
+    patterns = ["model_index.json", "recipe.json", "tokenizer/*", "scheduler/*"]
     patterns += [f"{f}/*.json" for f in folders] + [f"{f}/*.safetensors" for f in folders]
     try:  # weight variants (fp16, ema …) are other files of the same folders; load only the plain weights
         return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.*.safetensors"]))

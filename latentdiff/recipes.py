@@ -2,8 +2,9 @@
 
     latentdiff run-recipe pipelines/emoji64.toml --out runs/emoji64
 
-Layout of OUT: data/ (the data set), model/ (the pipeline folder, filled stage by stage), runs/STAGE/ (checkpoints,
-logs, samples), stages/STAGE.json (written when a stage finishes: its summary, wall time and hardware).
+Layout of OUT: data/ (the data set), model/ (the pipeline folder, filled stage by stage, with recipe.json: the recipe
+and the stage records), runs/STAGE/ (checkpoints, logs, samples), stages/STAGE.json (written when a stage finishes:
+its summary, wall time and hardware).
 Running the same command again skips finished stages and resumes an unfinished one from its latest checkpoint.
 """
 
@@ -83,4 +84,17 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
                   "hardware": hardware(), "args": args}
         marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
         records[stage] = record
+    write_provenance(recipe, out)  # also when every stage was done already, or another process finished one
     return records
+
+
+def write_provenance(recipe: dict, out: Path) -> None:
+    """MODEL/recipe.json: the recipe and every finished stage's record (wall time, hardware, summary), so a model
+    folder says how it was made wherever it is copied (`latentdiff export` carries it along)."""
+    if not (out / "model").is_dir():
+        return
+    stages = {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
+    provenance = {"recipe": recipe, "stages": {s: stages[s] for s in STAGES if s in stages}}
+    staging = out / "model" / f".recipe.json.{os.getpid()}"
+    staging.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    os.replace(staging, out / "model" / "recipe.json")

@@ -177,9 +177,10 @@ def load_parts(args, device):
     for name in ("text_encoder", "vae"):
         check_weights(root / name)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True).requires_grad_(False)
+    fp32 = dict(use_safetensors=True, dtype=torch.float32)  # transformers keeps the stored dtype otherwise
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **fp32).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True).requires_grad_(False)
-    clip = CLIPModel.from_pretrained(root / "clip", use_safetensors=True) if (root / "clip" / "config.json").is_file() else None
+    clip = CLIPModel.from_pretrained(root / "clip", **fp32) if (root / "clip" / "config.json").is_file() else None
     if (root / "unet" / "config.json").is_file():
         check_weights(root / "unet")
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)

@@ -84,7 +84,8 @@ class ClipPerceptualLoss(nn.Module):
         super().__init__()
         from transformers import CLIPModel
 
-        self.tower = CLIPModel.from_pretrained(clip_dir, use_safetensors=True).vision_model.eval().requires_grad_(False)
+        clip = CLIPModel.from_pretrained(clip_dir, use_safetensors=True, dtype=torch.float32)
+        self.tower = clip.vision_model.eval().requires_grad_(False)
         self.size = self.tower.config.image_size
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,39 @@ def test_new_model_then_generate_a_grid(tmp_path, capsys):
     assert Image.open(out).size == (2 * 32 + 2, 2 * 32 + 2)  # 2x2 grid of 32x32 images, 2 px apart
 
 
+def test_export_stores_half_precision_weights_that_load_as_float32(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    source = tmp_path / "full"
+    shutil.copytree(tiny_dir, source)
+    (source / "recipe.json").write_text("{}")
+    assert main(["export", str(source), "--out", str(tmp_path / "half")]) == 0
+    assert "MiB of fp16 weights" in capsys.readouterr().out and (tmp_path / "half" / "recipe.json").is_file()
+    for path in (tmp_path / "half").rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
+    full, half = (LatentDiffusionPipeline.from_pretrained(d) for d in (source, tmp_path / "half"))
+    modules = (half.unet, half.vae, half.text_encoder, half.clip)
+    assert {p.dtype for m in modules for p in m.parameters()} == {torch.float32}
+    theirs = StableDiffusionPipeline.from_pretrained(tmp_path / "half", safety_checker=None,
+                                                     requires_safety_checker=False)
+    theirs.scheduler = type(half.scheduler).from_config(half.scheduler.config)
+    a, b, c = (p("a tiger", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+               for p in (full, half, theirs))
+    assert 0 < np.abs(a - b).max() < 0.02  # the weights' fp16 round-off, nothing else
+    assert np.abs(b - c).max() <= 1 / 255  # and diffusers loads the exported folder as it is, in float32
+    (source / "recipe.json").unlink()
+    assert main(["export", str(source), "--out", str(tmp_path / "half")]) == 0
+    assert not (tmp_path / "half" / "recipe.json").exists(), "a stale record of another model stays behind"
+    assert main(["export", str(source), "--out", str(source)]) == 2
+    assert "--out must differ from the model folder" in capsys.readouterr().err
+
+
 def test_generate_single_image_is_seeded(tiny_dir, tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(3)]
     for path, seed in zip(paths, (7, 7, 8)):

@@ -99,6 +99,19 @@ def test_fd_of_a_set_with_itself_is_zero_and_grows_with_noise():
         ev.frechet_distance(features[:1], features)
 
 
+def test_retrieval_accuracy_counts_the_query_label_among_the_top_k():
+    basis = torch.eye(4)
+    # query 0 is closest to candidate 0 (its own); query 1 is closest to candidate 2 and next to its own 1;
+    # query 2 is closest to candidate 3, which is labelled alike ("b"), so it counts at top 1
+    queries = torch.nn.functional.normalize(torch.stack([basis[0], basis[2] + 0.5 * basis[1], basis[3]]), dim=-1)
+    result = ev.retrieval_accuracy(queries, basis, ["a", "b", "b"], ["a", "b", "c", "b"], ks=(1, 2))
+    assert result == {"top1": pytest.approx(2 / 3), "top2": 1.0}
+    assert ev.retrieval_accuracy(queries, basis, ["a", "c", "c"], ["a", "b", "c", "b"], ks=(1,)) == {
+        "top1": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="retrieval needs queries and candidates"):
+        ev.retrieval_accuracy(queries[:0], basis, [], ["a", "b", "c", "b"])
+
+
 def test_oracle_scores_real_renders_right_and_noise_near_zero():
     rng = random.Random(0)
     scenes = [sample_scene(rng, 64) for _ in range(300)]
@@ -135,11 +148,19 @@ def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, t
     for row in report["scales"]:
         assert row["images"] == 16 and row["fd_generated"] == 16 and row["fd_reference"] == 24
         assert set(row["oracle"]) >= {"mean"} and row["seconds"] > 0 and row["image_size"] == 32
+        # the candidates are every distinct prompt of the data set, not only the 8 evaluated
+        assert row["retrieval_candidates"] == len(set(ev.load_prompts(prompts)[0][i].text for i in range(24)))
+        assert 0 <= row["retrieval_top1"] <= row["retrieval_top5"] <= 1
+    judged = report["judge_on_reference"]
+    assert judged["images"] == 24 and 0 <= judged["text_to_image_top1"] <= judged["text_to_image_top5"] <= 1
     import csv
 
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert [float(r["guidance_scale"]) for r in rows] == [1.0, 7.5] and rows[0]["fd"] and rows[0]["oracle_mean"]
+    assert rows[0]["retrieval_top5"]
     assert Image.open(tmp_path / "sweep.png").size[0] > 300
+    # 16 images, 2 per prompt side by side, 32 px shown 4x as 128 px tiles, each over a 14 px label strip
+    assert Image.open(tmp_path / "grid-s7.5.png").size == (2 * 128 + 2, 8 * (128 + 14) + 7 * 2)
     assert json.loads((tmp_path / "report.json").read_text())["judge"].endswith("clip")
 
 
@@ -154,6 +175,41 @@ def test_reference_images_can_be_any_image_folder(model, tmp_path):
                         "--images-per-prompt", "2"])
     row, = report["scales"]
     assert row["fd_reference"] == 5 and row["fd_generated"] == 4 and "oracle" not in row
+    assert row["retrieval_candidates"] == 2 and "judge_on_reference" not in report  # no captions to retrieve
+
+
+def test_sampled_prompts_spread_over_the_list_and_candidates_come_from_a_file(model, prompts, tmp_path):
+    from latentdiff.eval_job import subsample
+
+    assert subsample(list(range(10)), 4) == [0, 3, 6, 9] and subsample([1, 2], 5) == [1, 2]
+    texts = [p.text for p in ev.load_prompts(prompts)[0]]
+    chosen = subsample(texts, 3)
+    (tmp_path / "names.txt").write_text("\n".join(["a tiger", "a red apple", *chosen]) + "\n")
+    report = eval_main(_run(model, prompts, tmp_path / "r", "--sample-prompts", "3", "--candidates",
+                            str(tmp_path / "names.txt"), max_prompts=24))
+    row = report["scales"][0]
+    assert report["prompts"] == 3 and row["images"] == 6 and row["retrieval_candidates"] == 2 + len(set(chosen))
+    (tmp_path / "names.txt").write_text("a tiger\n")
+    with pytest.raises(ValueError, match=f"--candidates .* must hold every evaluated prompt; it lacks 3, e.g. "):
+        eval_main(_run(model, prompts, tmp_path / "r", "--sample-prompts", "3", "--candidates",
+                       str(tmp_path / "names.txt"), max_prompts=24))
+
+
+def test_the_judge_is_scored_on_distinct_captions():
+    from latentdiff.eval_job import judge_reference
+
+    class Judge:  # texts embed as one-hot vectors of their first letter
+        def text_features(self, texts):
+            return torch.nn.functional.one_hot(torch.tensor([ord(t[0]) - ord("a") for t in texts]), 3).float()
+
+    # five images captioned "a", one captioned "b" that looks a bit more like "a" than like "b"
+    images = torch.tensor([[1.0, 0, 0]] * 5 + [[0.8, 0.6, 0]])
+    result = judge_reference(Judge(), images, ["a"] * 5 + ["b"])
+    assert result["images"] == 6 and result["distinct_captions"] == 2
+    # image→text: the "b" image ranks "a" first and "b" second (a repeated "a" must not push "b" out of the top 5)
+    assert result["image_to_text_top1"] == pytest.approx(5 / 6) and result["image_to_text_top5"] == 1.0
+    # text→image: each distinct caption queries once; "b" is nearer its own image than any "a" image
+    assert result["text_to_image_top1"] == 1.0
 
 
 @pytest.mark.parametrize("count", [7, 1], ids=["uneven-split", "one-rank-idle"])
@@ -170,6 +226,7 @@ def test_two_processes_give_the_same_report(model, prompts, tmp_path, count):
         assert a["images"] == b["images"] == 2 * count
         assert a["clip_score"] == pytest.approx(b["clip_score"], rel=1e-5)
         assert a["fd"] == pytest.approx(b["fd"], rel=1e-3) and a["oracle"] == b["oracle"]
+        assert a["retrieval_top5"] == b["retrieval_top5"]
 
 
 def test_bad_eval_arguments_are_named(model, prompts, tmp_path, capsys):

@@ -45,6 +45,9 @@ def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, cap
     import json
 
     assert json.loads((tmp_path / "run" / "stages" / "unet.json").read_text())["summary"]["steps"] == 4
+    provenance = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
+    assert list(provenance["stages"]) == ["data", "clip", "vae", "unet"] and provenance["recipe"]["name"] == "tiny"
+    assert all(r["wall_seconds"] >= 0 and r["hardware"]["cpu_count"] for r in provenance["stages"].values())
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)

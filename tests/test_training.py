@@ -63,6 +63,19 @@ def test_clip_and_vae_stages_write_loadable_parts(parts):
     assert vae_summary["holdout_psnr"] > 0 and (model.parent / "vae" / "reconstructions.png").is_file()
 
 
+def test_clip_training_pads_to_the_longest_caption_without_changing_the_features(parts):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = parts[0]
+    tokenizer, clip = CLIPTokenizer.from_pretrained(model / "tokenizer"), CLIPModel.from_pretrained(model / "clip")
+    captions = ["a red circle", "two small blue squares to the left of a green star"]
+    short = clip_training.tokenize(tokenizer, captions, full_context=False)
+    full = clip_training.tokenize(tokenizer, captions)  # what the U-Net's text states are computed from
+    assert short.shape[1] < full.shape[1] == tokenizer.model_max_length
+    with torch.no_grad():
+        torch.testing.assert_close(clip_training.embed_texts(clip, short), clip_training.embed_texts(clip, full))
+
+
 def test_unet_stage_writes_a_pipeline_both_libraries_load(parts, shapes, tmp_path):
     model, _, _ = parts
     summary = unet_training.main(["--data", str(shapes), "--model", str(model), "--preset", "tiny", "--output-dir",
