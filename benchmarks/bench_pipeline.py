@@ -1,0 +1,125 @@
+"""LatentDiffusionPipeline against diffusers' StableDiffusionPipeline on the same weights, side by side in one run.
+
+    python benchmarks/bench_pipeline.py [--models small,shipped] [--batches 1,8] [--steps 25] [--repeats 5]
+
+For each model and batch size: images/s of both pipelines (fp32, same scheduler, steps, seed, 64x64, guidance
+7.5; runs interleaved so both see the same machine), their ratio, the largest pixel difference between their images,
+the achieved GFLOP/s (FLOPs of one call counted with torch.utils.flop_counter) against the fp32 matmul peak measured
+in the same run, and our reduced-precision mode (bf16) against diffusers fp32. Writes benchmarks/results/pipeline.json
+and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops, machine, matmul_peak, summary, write_report  # noqa: E402
+
+
+def load_pair(model_dir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    from latentdiff import LatentDiffusionPipeline
+
+    ours = LatentDiffusionPipeline.from_pretrained(model_dir)
+    theirs = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                     torch_dtype=torch.float32)
+    theirs.scheduler = _diffusers_scheduler(ours.scheduler)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def _diffusers_scheduler(scheduler):
+    """diffusers' own class of the same name, from the same config."""
+    import diffusers
+
+    return getattr(diffusers, type(scheduler).__name__).from_config(scheduler.config)
+
+
+def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
+    from latentdiff.model_folder import SHIPPED_MODEL_DIR
+    from latentdiff.models import new_pipeline
+
+    dirs = {}
+    for name in names:
+        if name == "shipped":
+            if (SHIPPED_MODEL_DIR / "model_index.json").is_file():
+                dirs[name] = SHIPPED_MODEL_DIR
+            else:
+                print("no shipped model yet: skipping it")
+        else:
+            new_pipeline(name, seed=0).save_pretrained(work / name)
+            dirs[name] = work / name
+    return dirs
+
+
+def run(pipe, batch: int, steps: int, seed: int = 0, dtype: torch.dtype | None = None) -> np.ndarray:
+    prompts = ["a tiger", "a red apple", "a car", "a smiling face"] * ((batch + 3) // 4)
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        return pipe(prompts[:batch], num_inference_steps=steps, guidance_scale=7.5, generator=generator,
+                    output_type="np").images
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="small,shipped", help="presets and/or 'shipped'")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_grad_enabled(False)
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for name, model_dir in model_dirs(args.models.split(","), Path(work)).items():
+            ours, theirs = load_pair(model_dir)
+            for batch in batches:
+                timings = {"ours": [], "diffusers": [], "ours_bf16": []}
+                calls = {"ours": lambda: run(ours, batch, args.steps), "diffusers": lambda: run(theirs, batch, args.steps),
+                         "ours_bf16": lambda: run(ours, batch, args.steps, dtype=torch.bfloat16)}
+                images = {k: call() for k, call in calls.items()}  # warm-up, and the images compared
+                for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits all three
+                    for key, call in calls.items():
+                        started = time.perf_counter()
+                        call()
+                        timings[key].append(time.perf_counter() - started)
+                flops = count_flops(calls["ours"])
+                stats = {k: summary(v) for k, v in timings.items()}
+                row = {"model": name, "batch": batch, "steps": args.steps, "flops": flops,
+                       "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
+                       "bf16_max_abs_pixel_diff": float(np.abs(images["ours_bf16"] - images["ours"]).max()),
+                       **{f"{k}_images_per_s": batch / s["median_s"] for k, s in stats.items()}, "timings": stats}
+                row["speedup"] = stats["diffusers"]["median_s"] / stats["ours"]["median_s"]
+                row["bf16_speedup"] = stats["diffusers"]["median_s"] / stats["ours_bf16"]["median_s"]
+                row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
+                row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
+                rows.append(row)
+                print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers "
+                      f"{row['diffusers_images_per_s']:.2f} img/s ({row['speedup']:.2f}x), bf16 {row['bf16_speedup']:.2f}x")
+    report = {"machine": machine(), "matmul_peak_gflops": peak, "rows": rows, "command": " ".join(sys.argv)}
+    table = ["| model | batch | ours img/s | diffusers img/s | ratio | bf16 img/s | bf16 ratio | max pixel diff | "
+             "GFLOP/s | of fp32 peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['model']} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} "
+                     f"| {r['speedup']:.2f}x | {r['ours_bf16_images_per_s']:.2f} | {r['bf16_speedup']:.2f}x | "
+                     f"{r['max_abs_pixel_diff'] * 255:.2f}/255 | {r['ours_gflops']:.0f} | "
+                     f"{100 * r['ours_fraction_of_fp32_peak']:.0f} % |")
+    table.append(f"\nfp32 matmul peak {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; {machine()}")
+    write_report(Path(args.out), "pipeline", report, "\n".join(table))
+    return report
+
+
+if __name__ == "__main__":
+    main()
