@@ -59,7 +59,10 @@ def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolutio
     """Where the cache for exactly this VAE, text encoder, tokenizer, data and resolution lives."""
     digest = hashlib.sha256()
     digest.update(_fingerprint(vae, text_encoder).encode())
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())  # vocabulary, merges and normalisation
+    # vocabulary, merges and normalisation; not the padding and truncation a previous call left set on it
+    backend = {k: v for k, v in json.loads(tokenizer.backend_tokenizer.to_str()).items()
+               if k not in ("padding", "truncation")}
+    digest.update(json.dumps(backend, sort_keys=True).encode())
     digest.update(str(tokenizer.model_max_length).encode())
     digest.update(f"{dataset.dataset._fingerprint}|{dataset.image_column}|{dataset.caption_column}|{resolution}".encode())
     return cache_dir / f"latents-{digest.hexdigest()[:24]}.safetensors"

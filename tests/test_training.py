@@ -216,6 +216,8 @@ def test_cached_latents_give_the_same_loss(parts, shapes, tmp_path):
     unet_training.build_cache(path, train_set, vae, text_encoder, tokenizer, "cpu")
     cached = unet_training.CachedLatents(path)
     assert unet_training.cache_path(tmp_path / "cache", vae, text_encoder, tokenizer, train_set, 32) == path
+    tokenizer(["a red circle"], padding="longest", truncation=True, max_length=4)  # leaves padding state behind
+    assert unet_training.cache_path(tmp_path / "cache", vae, text_encoder, tokenizer, train_set, 32) == path
     assert unet_training.cache_path(tmp_path / "cache", vae, text_encoder, tokenizer, train_set, 16) != path
     losses = []
     for use_cache in (False, True):
