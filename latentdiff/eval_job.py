@@ -21,6 +21,8 @@ from PIL import Image
 from . import evaluation as ev
 from .images import image_grid
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scales", default="1,2,4,7.5")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="the networks' precision while generating (the judge always runs in fp32)")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -140,15 +144,8 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from .model_folder import resolve_model_dir
-    from .pipeline import LatentDiffusionPipeline
-    from .schedulers import scheduler_from_name
-
-    args = build_parser().parse_args(argv)
+def check_args(args) -> list[float]:
+    """Validate the parsed flags; return the guidance scales."""
     scales = parse_scales(args.guidance_scales)
     if args.inception_weights is not None:
         if not Path(args.inception_weights).is_file():
@@ -160,6 +157,56 @@ def main(argv: list[str] | None = None) -> dict | None:
     for name in ("steps", "images_per_prompt", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    return scales
+
+
+def score_scale(gathered: list, prompts: list[ev.Prompt], candidates: list[str], candidate_features: torch.Tensor,
+                reference: torch.Tensor | None, real_images: list, args) -> dict:
+    """The report row of one guidance scale from every process's (prompt index, image index, image features,
+    text features, oracle check, image or None) rows, sorted."""
+    image_features = torch.from_numpy(np.stack([r[2] for r in gathered]))
+    text_features = torch.from_numpy(np.stack([r[3] for r in gathered]))
+    row = {"clip_score": ev.clip_score(image_features, text_features), "images": len(gathered)}
+    # the judge ranks every candidate text for each generated image: is the image's own prompt among its top k?
+    retrieved = ev.retrieval_accuracy(image_features, candidate_features, [prompts[r[0]].text for r in gathered],
+                                      candidates)
+    row.update({f"retrieval_{k}": v for k, v in retrieved.items()}, retrieval_candidates=len(candidates))
+    if reference is not None and len(reference) >= 2:
+        row.update(fd=ev.frechet_distance(image_features, reference), fd_generated=len(gathered),
+                   fd_reference=len(reference))
+    if args.inception_weights is not None and real_images:
+        row["inception_fid"] = ev.inception_fid([r[5] for r in gathered], real_images, args.inception_weights)
+    oracle = ev.oracle_accuracy([r[4] for r in gathered if r[4] is not None])
+    if oracle:
+        row["oracle"] = oracle
+    return row
+
+
+def write_tables(out: Path, report: dict) -> None:
+    """report.json, report.csv (one row per guidance scale) and sweep.png."""
+    rows = report["scales"]
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out / "report.csv", "w", newline="") as f:
+        columns = ["guidance_scale", "clip_score", "retrieval_top1", "retrieval_top5", "retrieval_candidates", "fd",
+                   "fd_generated", "fd_reference", "inception_fid", "images", "seconds"]
+        columns += [f"oracle_{t}" for t in (*ev.ORACLE_TASKS, "mean")]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **{f"oracle_{k}": v for k, v in row.get("oracle", {}).items()}})
+    sweep_plot(rows, out / "sweep.png")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from .model_folder import resolve_model_dir
+    from .pipeline import LatentDiffusionPipeline
+    from .schedulers import scheduler_from_name
+
+    args = build_parser().parse_args(argv)
+    scales = check_args(args)
     state = PartialState(cpu=not torch.cuda.is_available())
     prompts, dataset = ev.load_prompts(args.prompts)
     if not prompts:
@@ -170,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     candidates = load_candidates(args.candidates, prompts, everything)
     model_dir = resolve_model_dir(args.model)
     judge_spec = args.judge or model_dir / "clip"
-    pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device)
+    pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device, dtype=DTYPES[args.dtype])
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -200,25 +247,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not state.is_main_process:
             continue
         gathered.sort(key=lambda r: (r[0], r[1]))  # the same order whatever the process count
-        image_features = torch.from_numpy(np.stack([r[2] for r in gathered]))
-        text_features = torch.from_numpy(np.stack([r[3] for r in gathered]))
-        row = {"guidance_scale": scale, "clip_score": ev.clip_score(image_features, text_features),
-               "images": len(gathered), "image_size": gathered_grid[0][2].size[0] if gathered_grid else None}
-        # the judge ranks every candidate text for each generated image: is the image's own prompt among its top k?
-        retrieved = ev.retrieval_accuracy(image_features, candidate_features, [prompts[r[0]].text for r in gathered],
-                                          candidates)
-        row.update({f"retrieval_{k}": v for k, v in retrieved.items()}, retrieval_candidates=len(candidates))
-        if reference is not None and len(reference) >= 2:
-            row.update(fd=ev.frechet_distance(image_features, reference), fd_generated=len(gathered),
-                       fd_reference=len(reference))
-        if keep_images and real_images:
-            row["inception_fid"] = ev.inception_fid([r[5] for r in gathered], real_images, args.inception_weights)
-        oracle = ev.oracle_accuracy([r[4] for r in gathered if r[4] is not None])
-        if oracle:
-            row["oracle"] = oracle
-        row["seconds"] = round(time.time() - started, 2)
-        rows.append(row)
         tiles = sorted(gathered_grid, key=lambda r: (r[0], r[1]))
+        row = {"guidance_scale": scale, **score_scale(gathered, prompts, candidates, candidate_features, reference,
+                                                      real_images, args),
+               "image_size": tiles[0][2].size[0] if tiles else None, "seconds": round(time.time() - started, 2)}
+        rows.append(row)
         image_grid([im for _, _, im in tiles], cols=min(args.images_per_prompt, 16) if args.images_per_prompt > 1
                    else None, labels=[prompts[i].text for i, _, _ in tiles],
                    zoom=-(-128 // tiles[0][2].size[0])).save(out / f"grid-s{scale:g}.png")
@@ -228,19 +261,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if small:
         print(f"warning: oracle accuracy on {small[0]} px images is unreliable (it needs ≥ 64 px; see README)")
     report = {"out": str(out), "model": str(model_dir), "judge": str(judge_spec), "prompts": len(prompts),
-              "steps": args.steps,
-              "scheduler": type(pipe.scheduler).__name__, "seed": args.seed,
+              "steps": args.steps, "scheduler": type(pipe.scheduler).__name__, "dtype": args.dtype, "seed": args.seed,
               "images_per_prompt": args.images_per_prompt, "processes": state.num_processes, "scales": rows}
     if reference is not None and real_captions is not None:
         report["judge_on_reference"] = judge_reference(judge, reference, real_captions)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(out / "report.csv", "w", newline="") as f:
-        columns = ["guidance_scale", "clip_score", "retrieval_top1", "retrieval_top5", "retrieval_candidates", "fd",
-                   "fd_generated", "fd_reference", "inception_fid", "images", "seconds"]
-        columns += [f"oracle_{t}" for t in (*ev.ORACLE_TASKS, "mean")]
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **{f"oracle_{k}": v for k, v in row.get("oracle", {}).items()}})
-    sweep_plot(rows, out / "sweep.png")
+    write_tables(out, report)
     return report

@@ -22,6 +22,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import diffusion, model_folder
 from .models import save_clip_folder, vae_scale_factor
+from .tracing import TracedCall
 
 logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -33,6 +34,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     The five components are those of a Stable Diffusion pipeline, so folders move between this class and
     diffusers' `StableDiffusionPipeline` in both directions; `clip` is the full CLIP the text encoder came from,
     kept for evaluation (CLIP score) and saved as `clip/`. LoRA weights load with `pipe.load_lora_weights(dir)`.
+
+    Speed: in inference the U-Net and the VAE decoder run as cached `torch.jit.trace` graphs (`latentdiff.tracing`):
+    the same ops on the same weights, so the same images, without Python's per-module overhead. Set
+    `pipe.use_tracing = False` for plain eager calls. Reduced precision: `pipe.to(dtype=torch.bfloat16)` (or
+    `torch_dtype=` in from_pretrained) runs the networks in bf16 while the sampler's arithmetic stays in float32.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -52,6 +58,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                               clip=clip)
         self.vae_scale_factor = vae_scale_factor(vae.config)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.use_tracing = True
+        self._traced_unet = TracedCall(lambda unet, x, t, h: unet(x, t, encoder_hidden_states=h, return_dict=False)[0])
+        self._traced_decoder = TracedCall(lambda vae, z: vae.decode(z, return_dict=False)[0])
 
     # Loading and saving ------------------------------------------------------------------------------------------
 
@@ -211,20 +220,22 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         texts = (uncond_texts if run_uncond else []) + (prompts if run_cond else [])
         embeds = self.encode_prompt(texts, device).repeat_interleave(n, dim=0)
 
-        # 2. Initial noise x_T (B·n, C, h, w), scaled as the scheduler expects.
+        # 2. Initial noise x_T (B·n, C, h, w), scaled as the scheduler expects; the sampler works in float32 whatever
+        #    the networks' dtype.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (len(prompts) * n, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
-        latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         step_kwargs = _accepted_kwargs(self.scheduler.step, eta=eta, generator=generator)
 
         # 3. Denoise: one U-Net call per step on [uncond; cond] when guiding.
+        unet = self._traced_unet.bind(self.unet, trace=self.use_tracing)
         passes = int(run_uncond) + int(run_cond)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * passes), t)
-            output = self.unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            output = unet(model_input.to(self.unet.dtype), t, embeds).float()
             if passes == 2:
                 uncond, cond = output.chunk(2)
                 output = diffusion.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
@@ -234,7 +245,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if output_type == "latent":
             images = latents
         else:
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing)
+            decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -164,6 +164,14 @@ def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, t
     assert json.loads((tmp_path / "report.json").read_text())["judge"].endswith("clip")
 
 
+def test_reduced_precision_generation_is_reported_and_close_to_fp32(model, prompts, tmp_path):
+    fp32 = eval_main(_run(model, prompts, tmp_path / "fp32", max_prompts=4))
+    bf16 = eval_main(_run(model, prompts, tmp_path / "bf16", "--dtype", "bf16", max_prompts=4))
+    assert fp32["dtype"] == "fp32" and bf16["dtype"] == "bf16"
+    for a, b in zip(fp32["scales"], bf16["scales"]):
+        assert a["clip_score"] != b["clip_score"] and abs(a["clip_score"] - b["clip_score"]) < 0.05 * a["clip_score"]
+
+
 def test_reference_images_can_be_any_image_folder(model, tmp_path):
     (tmp_path / "prompts.txt").write_text("a tiger\na red apple\n")
     reference = tmp_path / "real"
