@@ -3,15 +3,17 @@
     python benchmarks/bench_pipeline.py [--models small,shipped] [--batches 1,8] [--steps 25] [--repeats 5]
 
 For each model and batch size: images/s of both pipelines (fp32, same scheduler, steps, seed, 64x64, guidance
-7.5; runs interleaved so both see the same machine), their ratio, the largest pixel difference between their images,
+7.5; runs interleaved so all see the same machine), their ratio, the largest pixel difference between their images,
 the achieved GFLOP/s (FLOPs of one call counted with torch.utils.flop_counter) against the fp32 matmul peak measured
-in the same run, and our reduced-precision mode (bf16) against diffusers fp32. Writes benchmarks/results/pipeline.json
-and .md.
+in the same run, ours with tracing off (`pipe.use_tracing = False`: what the traced graphs gain), and our
+reduced-precision mode (`pipe.to(dtype=torch.bfloat16)`) against diffusers fp32. Writes
+benchmarks/results/pipeline.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -24,18 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, machine, matmul_peak, summary, write_report  # noqa: E402
 
 
-def load_pair(model_dir: Path):
+def load_pipes(model_dir: Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from latentdiff import LatentDiffusionPipeline
 
     ours = LatentDiffusionPipeline.from_pretrained(model_dir)
+    eager = LatentDiffusionPipeline.from_pretrained(model_dir)
+    eager.use_tracing = False
+    bf16 = LatentDiffusionPipeline.from_pretrained(model_dir).to(dtype=torch.bfloat16)
     theirs = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
                                                      torch_dtype=torch.float32)
     theirs.scheduler = _diffusers_scheduler(ours.scheduler)
-    for pipe in (ours, theirs):
+    pipes = {"ours": ours, "ours_eager": eager, "diffusers": theirs, "ours_bf16": bf16}
+    for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
-    return ours, theirs
+    return pipes
 
 
 def _diffusers_scheduler(scheduler):
@@ -62,12 +68,11 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
     return dirs
 
 
-def run(pipe, batch: int, steps: int, seed: int = 0, dtype: torch.dtype | None = None) -> np.ndarray:
+def run(pipe, batch: int, steps: int, seed: int = 0) -> np.ndarray:
     prompts = ["a tiger", "a red apple", "a car", "a smiling face"] * ((batch + 3) // 4)
     generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        return pipe(prompts[:batch], num_inference_steps=steps, guidance_scale=7.5, generator=generator,
-                    output_type="np").images
+    return pipe(prompts[:batch], num_inference_steps=steps, guidance_scale=7.5, generator=generator,
+                output_type="np").images
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,36 +89,38 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name, model_dir in model_dirs(args.models.split(","), Path(work)).items():
-            ours, theirs = load_pair(model_dir)
+            pipes = load_pipes(model_dir)
             for batch in batches:
-                timings = {"ours": [], "diffusers": [], "ours_bf16": []}
-                calls = {"ours": lambda: run(ours, batch, args.steps), "diffusers": lambda: run(theirs, batch, args.steps),
-                         "ours_bf16": lambda: run(ours, batch, args.steps, dtype=torch.bfloat16)}
-                images = {k: call() for k, call in calls.items()}  # warm-up, and the images compared
+                timings = {k: [] for k in pipes}
+                calls = {k: functools.partial(run, pipe, batch, args.steps) for k, pipe in pipes.items()}
+                images = {k: call() for k, call in calls.items()}  # warm-up (and tracing), and the images compared
                 for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits all three
                     for key, call in calls.items():
                         started = time.perf_counter()
                         call()
                         timings[key].append(time.perf_counter() - started)
-                flops = count_flops(calls["ours"])
+                flops = count_flops(calls["ours_eager"])  # the counter sees eager ops only; the traced ones are the same
                 stats = {k: summary(v) for k, v in timings.items()}
                 row = {"model": name, "batch": batch, "steps": args.steps, "flops": flops,
                        "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
+                       "traced_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours"] - images["ours_eager"]).max()),
                        "bf16_max_abs_pixel_diff": float(np.abs(images["ours_bf16"] - images["ours"]).max()),
                        **{f"{k}_images_per_s": batch / s["median_s"] for k, s in stats.items()}, "timings": stats}
                 row["speedup"] = stats["diffusers"]["median_s"] / stats["ours"]["median_s"]
                 row["bf16_speedup"] = stats["diffusers"]["median_s"] / stats["ours_bf16"]["median_s"]
+                row["eager_speedup"] = stats["diffusers"]["median_s"] / stats["ours_eager"]["median_s"]
                 row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
                 row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
                 rows.append(row)
                 print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers "
                       f"{row['diffusers_images_per_s']:.2f} img/s ({row['speedup']:.2f}x), bf16 {row['bf16_speedup']:.2f}x")
     report = {"machine": machine(), "matmul_peak_gflops": peak, "rows": rows, "command": " ".join(sys.argv)}
-    table = ["| model | batch | ours img/s | diffusers img/s | ratio | bf16 img/s | bf16 ratio | max pixel diff | "
-             "GFLOP/s | of fp32 peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| model | batch | ours img/s | diffusers img/s | ratio | eager ratio | bf16 img/s | bf16 ratio | "
+             "max pixel diff | GFLOP/s | of fp32 peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['model']} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} "
-                     f"| {r['speedup']:.2f}x | {r['ours_bf16_images_per_s']:.2f} | {r['bf16_speedup']:.2f}x | "
+                     f"| {r['speedup']:.2f}x | {r['eager_speedup']:.2f}x | {r['ours_bf16_images_per_s']:.2f} | "
+                     f"{r['bf16_speedup']:.2f}x | "
                      f"{r['max_abs_pixel_diff'] * 255:.2f}/255 | {r['ours_gflops']:.0f} | "
                      f"{100 * r['ours_fraction_of_fp32_peak']:.0f} % |")
     table.append(f"\nfp32 matmul peak {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; {machine()}")

@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from . import diffusion, model_folder
+from . import attention, diffusion, model_folder
 from .models import save_clip_folder, vae_scale_factor
 from .tracing import TracedCall
 
@@ -38,7 +38,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     Speed: in inference the U-Net and the VAE decoder run as cached `torch.jit.trace` graphs (`latentdiff.tracing`):
     the same ops on the same weights, so the same images, without Python's per-module overhead. Set
     `pipe.use_tracing = False` for plain eager calls. Reduced precision: `pipe.to(dtype=torch.bfloat16)` (or
-    `torch_dtype=` in from_pretrained) runs the networks in bf16 while the sampler's arithmetic stays in float32.
+    `torch_dtype=` in from_pretrained) runs the networks in bf16 while the sampler's arithmetic stays in float32;
+    on the CPU their attention then runs as plain bf16 matmuls (`latentdiff.attention`), which is faster there.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -58,6 +59,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                               clip=clip)
         self.vae_scale_factor = vae_scale_factor(vae.config)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        for model in (unet, vae):
+            attention.install(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
         self.use_tracing = True
         self._traced_unet = TracedCall(lambda unet, x, t, h: unet(x, t, encoder_hidden_states=h, return_dict=False)[0])
         self._traced_decoder = TracedCall(lambda vae, z: vae.decode(z, return_dict=False)[0])

@@ -106,3 +106,25 @@ def test_reduced_precision_runs_the_networks_in_it_and_the_sampler_in_float32(ti
     latents = pipe("a tiger", num_inference_steps=STEPS, generator=seeded(), output_type="latent").images
     assert latents.dtype == torch.float32
     assert np.isfinite(low).all() and 0 < np.abs(low - reference).mean() < 0.05
+
+
+def test_the_pipeline_attention_is_diffusers_default_in_fp32_and_plain_matmuls_in_bf16_on_cpu(tiny_pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from latentdiff.attention import LatentAttnProcessor
+
+    attn = next(m for m in tiny_pipe.unet.modules() if isinstance(getattr(m, "processor", None), LatentAttnProcessor))
+    assert all(isinstance(p, LatentAttnProcessor) for p in tiny_pipe.vae.attn_processors.values())
+    x = torch.randn(2, 16, attn.to_q.in_features)
+    with torch.no_grad():
+        ours = attn.processor(attn, x)
+        torch.testing.assert_close(ours, AttnProcessor2_0()(attn, x), rtol=0, atol=0)
+        calls = []
+        attn.processor._matmul = lambda *a, **kw: calls.append(1) or LatentAttnProcessor._matmul(*a, **kw)
+        try:
+            low = attn.to(torch.bfloat16).processor(attn, x.bfloat16())
+        finally:
+            del attn.processor._matmul
+            attn.float()
+    assert calls == [1] and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ours, rtol=0.05, atol=0.05)
