@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"| {r['seconds']:.0f} |")
     table.append(f"\n{rows[0]['images']} images per row (one per prompt, the same seeds), FD against "
                  f"{rows[0]['fd_reference']} real images in the judge's feature space, guidance {args.guidance_scale}; "
-                 f"bf16 DDIM-20 FD vs fp32 DDIM-20: {100 * bf16["fd_vs_fp32"]:+.2f} %; {machine()}")
+                 f"bf16 DDIM-20 FD vs fp32 DDIM-20: {100 * bf16['fd_vs_fp32']:+.2f} %; {machine()}")
     write_report(Path(args.out), "samplers", report, "\n".join(table))
     return report
 
