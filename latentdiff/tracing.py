@@ -39,28 +39,33 @@ class TracedCall:
     """`fn(module, *tensors)` → tensor, replayed from cached traces where that is safe, eagerly otherwise.
 
     `bind(module)` checks the module once (per pipeline call, say) and returns the function to call per step. fn
-    must be a pure function of the tensors and the module.
+    must be a pure function of the tensors and the module. A graph is recorded the second time a bind meets the
+    same key, not the first: recording costs about as much as a dozen steps, which one-off calls (`latentdiff
+    generate`) would not win back.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
         self._graphs: OrderedDict = OrderedDict()
+        self._first_seen: OrderedDict = OrderedDict()  # key → the bind that met it first
 
     def bind(self, module: torch.nn.Module, trace: bool = True) -> Callable[..., torch.Tensor]:
         if not (trace and traceable(module)):
             return functools.partial(self.fn, module)
-        structure = structure_key(module)
+        structure, session = structure_key(module), object()
 
         def call(*tensors: torch.Tensor) -> torch.Tensor:
             key = (structure, *((t.shape, t.dtype, t.device) for t in tensors))
             graph = self._graphs.get(key)
+            if graph is None and self._first_seen.setdefault(key, session) is session:
+                _trim(self._first_seen, 8 * MAX_GRAPHS)
+                return self.fn(module, *tensors)
             if graph is None:
                 with warnings.catch_warnings():  # TracerWarnings: the Python branches they name are in the key
                     warnings.simplefilter("ignore")
                     graph = torch.jit.trace(_Forward(module, self.fn), tensors, check_trace=False)
                 self._graphs[key] = graph
-                while len(self._graphs) > MAX_GRAPHS:
-                    self._graphs.popitem(last=False)
+                _trim(self._graphs, MAX_GRAPHS)
             self._graphs.move_to_end(key)
             return graph(*tensors)
 
@@ -68,6 +73,12 @@ class TracedCall:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._first_seen.clear()
+
+
+def _trim(cache: OrderedDict, size: int) -> None:
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def traceable(module: torch.nn.Module) -> bool:
