@@ -6,7 +6,7 @@ For each model and batch size: images/s of both pipelines (fp32, same scheduler,
 7.5; runs interleaved so all see the same machine), their ratio, the largest pixel difference between their images,
 the achieved GFLOP/s (FLOPs of one call counted with torch.utils.flop_counter) against the fp32 matmul peak measured
 in the same run, ours with tracing off (`pipe.use_tracing = False`: what the traced graphs gain), and our
-reduced-precision mode (`pipe.to(dtype=torch.bfloat16)`) against diffusers fp32. Writes
+reduced-precision mode (`pipe.to(dtype=torch.bfloat16)`) against diffusers in fp32 and in bf16. Writes
 benchmarks/results/pipeline.json and .md.
 """
 
@@ -37,8 +37,11 @@ def load_pipes(model_dir: Path) -> dict:
     bf16 = LatentDiffusionPipeline.from_pretrained(model_dir).to(dtype=torch.bfloat16)
     theirs = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
                                                      torch_dtype=torch.float32)
-    theirs.scheduler = _diffusers_scheduler(ours.scheduler)
-    pipes = {"ours": ours, "ours_eager": eager, "diffusers": theirs, "ours_bf16": bf16}
+    theirs_bf16 = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                          torch_dtype=torch.bfloat16)
+    for pipe in (theirs, theirs_bf16):
+        pipe.scheduler = _diffusers_scheduler(ours.scheduler)
+    pipes = {"ours": ours, "ours_eager": eager, "diffusers": theirs, "ours_bf16": bf16, "diffusers_bf16": theirs_bf16}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
@@ -75,6 +78,39 @@ def run(pipe, batch: int, steps: int, seed: int = 0) -> np.ndarray:
                 output_type="np").images
 
 
+def measure(name: str, pipes: dict, batch: int, args, peak: dict) -> dict:
+    """One table row: every pipeline timed `repeats` times, interleaved, after two warm-up calls (the second one
+    replays our traced graphs; its images are the ones compared)."""
+    calls = {k: functools.partial(run, pipe, batch, args.steps) for k, pipe in pipes.items()}
+    images = {k: (call(), call())[1] for k, call in calls.items()}
+    timings = {k: [] for k in pipes}
+    for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every pipeline
+        for key, call in calls.items():
+            started = time.perf_counter()
+            call()
+            timings[key].append(time.perf_counter() - started)
+    flops = count_flops(calls["ours_eager"])  # the counter sees eager ops; the traced graph runs the same ones
+    stats = {k: summary(v) for k, v in timings.items()}
+
+    def ratio(slow: str, fast: str) -> dict:
+        """Median ratio of the medians, and the spread of the ratios of the same repeat."""
+        paired = [a / b for a, b in zip(timings[slow], timings[fast])]
+        return {"median": stats[slow]["median_s"] / stats[fast]["median_s"], "min": min(paired), "max": max(paired)}
+
+    row = {"model": name, "batch": batch, "steps": args.steps, "flops": flops,
+           "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
+           "traced_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours"] - images["ours_eager"]).max()),
+           "bf16_vs_fp32_mean_abs_pixel_diff": float(np.abs(images["ours_bf16"] - images["ours"]).mean()),
+           **{f"{k}_images_per_s": batch / s["median_s"] for k, s in stats.items()}, "timings": stats,
+           "speedup": ratio("diffusers", "ours"), "eager_speedup": ratio("diffusers", "ours_eager"),
+           "bf16_speedup": ratio("diffusers", "ours_bf16"), "bf16_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_bf16")}
+    row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
+    row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
+    print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers {row['diffusers_images_per_s']:.2f} "
+          f"img/s ({row['speedup']['median']:.2f}x), bf16 {row['bf16_speedup']['median']:.2f}x", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="small,shipped", help="presets and/or 'shipped'")
@@ -91,38 +127,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name, model_dir in model_dirs(args.models.split(","), Path(work)).items():
             pipes = load_pipes(model_dir)
             for batch in batches:
-                timings = {k: [] for k in pipes}
-                calls = {k: functools.partial(run, pipe, batch, args.steps) for k, pipe in pipes.items()}
-                images = {k: call() for k, call in calls.items()}  # warm-up (and tracing), and the images compared
-                for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits all three
-                    for key, call in calls.items():
-                        started = time.perf_counter()
-                        call()
-                        timings[key].append(time.perf_counter() - started)
-                flops = count_flops(calls["ours_eager"])  # the counter sees eager ops only; the traced ones are the same
-                stats = {k: summary(v) for k, v in timings.items()}
-                row = {"model": name, "batch": batch, "steps": args.steps, "flops": flops,
-                       "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
-                       "traced_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours"] - images["ours_eager"]).max()),
-                       "bf16_max_abs_pixel_diff": float(np.abs(images["ours_bf16"] - images["ours"]).max()),
-                       **{f"{k}_images_per_s": batch / s["median_s"] for k, s in stats.items()}, "timings": stats}
-                row["speedup"] = stats["diffusers"]["median_s"] / stats["ours"]["median_s"]
-                row["bf16_speedup"] = stats["diffusers"]["median_s"] / stats["ours_bf16"]["median_s"]
-                row["eager_speedup"] = stats["diffusers"]["median_s"] / stats["ours_eager"]["median_s"]
-                row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
-                row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
-                rows.append(row)
-                print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers "
-                      f"{row['diffusers_images_per_s']:.2f} img/s ({row['speedup']:.2f}x), bf16 {row['bf16_speedup']:.2f}x")
+                rows.append(measure(name, pipes, batch, args, peak))
     report = {"machine": machine(), "matmul_peak_gflops": peak, "rows": rows, "command": " ".join(sys.argv)}
-    table = ["| model | batch | ours img/s | diffusers img/s | ratio | eager ratio | bf16 img/s | bf16 ratio | "
-             "max pixel diff | GFLOP/s | of fp32 peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| model | batch | ours img/s | diffusers img/s | ratio (spread) | eager ratio | max pixel diff | "
+             "GFLOP/s | of fp32 peak | ours bf16 img/s | vs diffusers fp32 (spread) | vs diffusers bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        spread = lambda key: f"{r[key]['median']:.2f}x ({r[key]['min']:.2f}–{r[key]['max']:.2f})"  # noqa: E731
         table.append(f"| {r['model']} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} "
-                     f"| {r['speedup']:.2f}x | {r['eager_speedup']:.2f}x | {r['ours_bf16_images_per_s']:.2f} | "
-                     f"{r['bf16_speedup']:.2f}x | "
+                     f"| {spread('speedup')} | {r['eager_speedup']['median']:.2f}x | "
                      f"{r['max_abs_pixel_diff'] * 255:.2f}/255 | {r['ours_gflops']:.0f} | "
-                     f"{100 * r['ours_fraction_of_fp32_peak']:.0f} % |")
+                     f"{100 * r['ours_fraction_of_fp32_peak']:.0f} % | {r['ours_bf16_images_per_s']:.2f} | "
+                     f"{spread('bf16_speedup')} | {r['bf16_vs_diffusers_bf16']['median']:.2f}x |")
     table.append(f"\nfp32 matmul peak {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; {machine()}")
     write_report(Path(args.out), "pipeline", report, "\n".join(table))
     return report

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    peak = matmul_peak(torch.float32)
+    peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     flops = step_flops(args.preset, args.batch_size)
     results = {}
     with tempfile.TemporaryDirectory() as work:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     table.append(f"\ncached / uncached = {ratio:.2f}x (FLOPs alone bound it at {bound:.2f}x: U-Net step "
                  f"{flops['unet_step'] / 1e9:.0f} GFLOP, VAE encoder + text encoder {flops['encoders'] / 1e9:.0f} GFLOP); "
                  f"{args.preset} preset, batch {args.batch_size}, precision "
-                 f"{args.precision}; fp32 matmul peak {peak:.0f} GFLOP/s; {machine()}")
+                 f"{args.precision}; matmul peak in that precision {peak:.0f} GFLOP/s; {machine()}")
     write_report(Path(args.out), "training", report, "\n".join(table))
     return report
 

@@ -1,9 +1,11 @@
-"""The attention processor the pipeline installs: diffusers' own two, each where it is fastest.
+"""Which of diffusers' attention processors the pipeline's networks use: the default everywhere but in bf16/fp16 on
+the CPU.
 
-`AttnProcessor2_0` (torch's scaled_dot_product_attention) everywhere, except for bf16/fp16 on the CPU: there torch's
-fused CPU attention kernel runs slower than in fp32 (measured on the `small` U-Net: 1.23x the fp32 speed in bf16 with
-it, 1.83x with plain matmuls and softmax; benchmarks/RESULTS.md), so those calls take `AttnProcessor`'s
-baddbmm-softmax-bmm path, which runs as bf16 GEMMs. In fp32, and on GPUs, the numbers are those of diffusers' default.
+There torch's fused CPU attention kernel (behind diffusers' default `AttnProcessor2_0`) runs slower than in fp32:
+on the `small` U-Net, bf16 ran 1.23x the fp32 speed with it and 1.83x with diffusers' `AttnProcessor`, whose
+baddbmm-softmax-bmm runs as bf16 GEMMs (benchmarks/RESULTS.md). `fit(model)` puts `AttnProcessor` in place of the
+default when the model's weights are bf16/fp16 on the CPU and undoes exactly that swap otherwise; processors a
+user set are left alone. In fp32, and on GPUs, the processors are diffusers' defaults.
 """
 
 from __future__ import annotations
@@ -11,20 +13,19 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_MARK = "_latentdiff_cpu_low_precision"  # on the processors fit() put in, so that it can take them out again
 
 
-class LatentAttnProcessor(AttnProcessor2_0):
-    _matmul = AttnProcessor()
-
-    def __call__(self, attn, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if hidden_states.device.type == "cpu" and hidden_states.dtype in _LOW_PRECISION:
-            return self._matmul(attn, hidden_states, *args, **kwargs)
-        return super().__call__(attn, hidden_states, *args, **kwargs)
-
-
-def install(model: torch.nn.Module) -> None:
-    """Put LatentAttnProcessor in place of diffusers' default processor (any other processor is left alone)."""
+def fit(model: torch.nn.Module) -> None:
+    """Matmul attention for bf16/fp16 weights on the CPU, diffusers' default otherwise (see the module docstring)."""
+    weight = next(model.parameters(), None)
+    low = weight is not None and weight.device.type == "cpu" and weight.dtype in LOW_PRECISION
     for module in model.modules():
-        if type(getattr(module, "processor", None)) is AttnProcessor2_0:
-            module.set_processor(LatentAttnProcessor())
+        processor = getattr(module, "processor", None)
+        if low and type(processor) is AttnProcessor2_0:
+            replacement = AttnProcessor()
+            setattr(replacement, _MARK, True)
+            module.set_processor(replacement)
+        elif not low and getattr(processor, _MARK, False):
+            module.set_processor(AttnProcessor2_0())

@@ -35,11 +35,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     diffusers' `StableDiffusionPipeline` in both directions; `clip` is the full CLIP the text encoder came from,
     kept for evaluation (CLIP score) and saved as `clip/`. LoRA weights load with `pipe.load_lora_weights(dir)`.
 
-    Speed: in inference the U-Net and the VAE decoder run as cached `torch.jit.trace` graphs (`latentdiff.tracing`):
-    the same ops on the same weights, so the same images, without Python's per-module overhead. Set
-    `pipe.use_tracing = False` for plain eager calls. Reduced precision: `pipe.to(dtype=torch.bfloat16)` (or
-    `torch_dtype=` in from_pretrained) runs the networks in bf16 while the sampler's arithmetic stays in float32;
-    on the CPU their attention then runs as plain bf16 matmuls (`latentdiff.attention`), which is faster there.
+    Speed: on the CPU, from the second call with the same shapes on, the U-Net and the VAE decoder run as cached
+    `torch.jit.trace` graphs (`latentdiff.tracing`): the same ops on the same weights, so the same images, without
+    Python's per-module overhead. Set `pipe.use_tracing = False` for plain eager calls. Reduced precision:
+    `pipe.to(dtype=torch.bfloat16)` (or `torch_dtype=` in from_pretrained) runs the networks in bf16 while the
+    sampler's arithmetic (the initial noise included) stays in float32; on the CPU their attention then runs as
+    plain bf16 matmuls (`latentdiff.attention`), which is faster there.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -60,10 +61,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         self.vae_scale_factor = vae_scale_factor(vae.config)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         for model in (unet, vae):
-            attention.install(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
+            attention.fit(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
         self.use_tracing = True
-        self._traced_unet = TracedCall(lambda unet, x, t, h: unet(x, t, encoder_hidden_states=h, return_dict=False)[0])
-        self._traced_decoder = TracedCall(lambda vae, z: vae.decode(z, return_dict=False)[0])
+        self._traced_unet = TracedCall(_unet_forward)
+        self._traced_decoder = TracedCall(_vae_decode)
+
+    def to(self, *args, **kwargs) -> "LatentDiffusionPipeline":
+        """DiffusionPipeline.to (device and/or dtype), then the attention that suits the new dtype and device."""
+        super().to(*args, **kwargs)
+        for model in (self.unet, self.vae):
+            attention.fit(model)
+        return self
 
     # Loading and saving ------------------------------------------------------------------------------------------
 
@@ -246,13 +254,21 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
 
         # 4. Decode z_0 → image.
         if output_type == "latent":
-            images = latents
+            images = latents.to(self.unet.dtype)  # as diffusers returns them: ready for pipe.vae.decode
         else:
             decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing)
             decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _unet_forward(unet, sample, timestep, hidden_states):
+    return unet(sample, timestep, encoder_hidden_states=hidden_states, return_dict=False)[0]
+
+
+def _vae_decode(vae, latents):
+    return vae.decode(latents, return_dict=False)[0]
 
 
 def _as_prompt_list(name: str, value) -> list[str]:

@@ -2,25 +2,35 @@
 
 A small U-Net at 16×16 latents spends a large part of each step in Python (diffusers' module calls, argument
 handling, attention-processor dispatch); replaying a traced graph removes that and gives the same numbers bit for
-bit, because the same aten ops run in the same order on the same weights. The graph is not frozen: it reads the
-module's parameters when it runs, so weights changed in place (fine-tuning, `fuse_lora`) are seen at once.
+bit on the CPU, because the same aten ops run in the same order on the same weights (CPU graphs are not fused). The
+graph is not frozen: it reads the module's parameters when it runs, so weights changed in place (fine-tuning,
+`fuse_lora`) are seen at once.
 
 A graph is only valid for what it was recorded with, so `TracedCall` keys its graphs by the input shapes, dtypes
 and devices and by the module's structure (its submodules, weights, attention processors and their settings), and
-falls back to eager calls wherever a trace cannot be trusted: in training mode, under autograd, with accelerate
-hooks (CPU offload), with PEFT adapters (their scales and switches are Python values a trace would freeze), and
-for modules that are already `torch.compile`d.
+runs eagerly wherever a trace cannot be trusted: off the CPU (GPU graphs may be fused, so not bit-identical, and
+want CUDA graphs or torch.compile instead), in training mode, under autograd or autocast, with hooks (accelerate's
+and diffusers' offloading, casting and caching hooks, global module hooks), with PEFT layers anywhere (their
+scales and switches are Python values a trace would freeze), and with any part already `torch.compile`d.
+
+torch 2.15 marks `torch.jit.trace` deprecated in favour of torch.compile and torch.export. It is used here because
+it is what works at this size on a CPU: recording the `small` U-Net takes about 0.5 s, where torch.compile took
+40–57 s on the 2-core development machine before its first image (benchmarks/RESULTS.md), and an exported
+program replays through Python again. The deprecation warning is silenced for the recording only.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
+# what every nn.Module holds (parameters, buffers, submodules, hooks): covered apart or checked by traceable()
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 MAX_GRAPHS = 8  # per module: one per (batch, size, dtype) in use; the oldest is dropped beyond this
 
 
@@ -39,41 +49,57 @@ class TracedCall:
     """`fn(module, *tensors)` → tensor, replayed from cached traces where that is safe, eagerly otherwise.
 
     `bind(module)` checks the module once (per pipeline call, say) and returns the function to call per step. fn
-    must be a pure function of the tensors and the module. A graph is recorded the second time a bind meets the
-    same key, not the first: recording costs about as much as a dozen steps, which one-off calls (`latentdiff
-    generate`) would not win back.
+    must be a module-level pure function of the tensors and the module. A graph is recorded the second time a bind
+    meets the same key, not the first: recording costs about as much as a dozen steps, which one-off calls
+    (`latentdiff generate`) would not win back. Graphs of another structure (a replaced module) are dropped at the
+    next bind, so they do not keep old weights alive. Copies and pickles start with no graphs.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
         self._graphs: OrderedDict = OrderedDict()
         self._first_seen: OrderedDict = OrderedDict()  # key → the bind that met it first
+        self._lock = threading.Lock()
 
     def bind(self, module: torch.nn.Module, trace: bool = True) -> Callable[..., torch.Tensor]:
         if not (trace and traceable(module)):
             return functools.partial(self.fn, module)
         structure, session = structure_key(module), object()
+        with self._lock:
+            for cache in (self._graphs, self._first_seen):
+                for key in [k for k in cache if k[0] != structure]:
+                    del cache[key]
 
         def call(*tensors: torch.Tensor) -> torch.Tensor:
             key = (structure, *((t.shape, t.dtype, t.device) for t in tensors))
-            graph = self._graphs.get(key)
-            if graph is None and self._first_seen.setdefault(key, session) is session:
-                _trim(self._first_seen, 8 * MAX_GRAPHS)
-                return self.fn(module, *tensors)
-            if graph is None:
-                with warnings.catch_warnings():  # TracerWarnings: the Python branches they name are in the key
-                    warnings.simplefilter("ignore")
-                    graph = torch.jit.trace(_Forward(module, self.fn), tensors, check_trace=False)
-                self._graphs[key] = graph
-                _trim(self._graphs, MAX_GRAPHS)
-            self._graphs.move_to_end(key)
-            return graph(*tensors)
+            with self._lock:
+                graph = self._graphs.get(key)
+                if graph is None and self._first_seen.setdefault(key, session) is session:
+                    _trim(self._first_seen, 8 * MAX_GRAPHS)
+                    graph = "eager"
+                elif graph is None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # its branches are in the key
+                        warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)  # see the docstring
+                        graph = torch.jit.trace(_Forward(module, self.fn), tensors, check_trace=False)
+                    self._graphs[key] = graph
+                    _trim(self._graphs, MAX_GRAPHS)
+                else:
+                    self._graphs.move_to_end(key)
+            return self.fn(module, *tensors) if graph == "eager" else graph(*tensors)
 
         return call
 
     def clear(self) -> None:
-        self._graphs.clear()
-        self._first_seen.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._first_seen.clear()
+
+    def __getstate__(self) -> dict:  # graphs and locks neither pickle nor belong to a copy's modules
+        return {"fn": self.fn}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["fn"])
 
 
 def _trim(cache: OrderedDict, size: int) -> None:
@@ -82,22 +108,46 @@ def _trim(cache: OrderedDict, size: int) -> None:
 
 
 def traceable(module: torch.nn.Module) -> bool:
-    """Whether a trace of `module` replays what an eager call would compute."""
-    if module.training or torch.is_grad_enabled() or hasattr(module, "_orig_mod"):  # _orig_mod: torch.compile'd
+    """Whether a trace of `module` replays what an eager call would compute (see the module docstring)."""
+    if module.training or torch.is_grad_enabled() or any(p.device.type != "cpu" for p in module.parameters()):
         return False
-    if getattr(module, "_hf_peft_config_loaded", False) or getattr(module, "peft_config", None):
+    if torch.is_autocast_enabled("cpu") or (torch.cuda.is_available() and torch.is_autocast_enabled("cuda")):
         return False
-    return not any(hasattr(m, "_hf_hook") or m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook"):
+            return False
+        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:  # torch.compile'd
+            return False
+        if type(m).__module__.startswith("peft.") or getattr(m, "peft_config", None):  # LoRA layers and models
+            return False
+    return True
 
 
 def structure_key(module: torch.nn.Module) -> tuple:
-    """What a trace bakes in besides the inputs: the identity of every submodule, parameter, buffer and attention
-    processor, and every plain Python setting they hold (VAE slicing and tiling, FreeU factors, chunk sizes …)."""
+    """What a trace bakes in besides the inputs: the type and identity of every submodule and attention processor
+    and every Python setting they hold (VAE slicing and tiling, FreeU factors, chunk sizes …), and where and in
+    which dtype every weight lives."""
     parts = []
     for m in module.modules():
         processor = getattr(m, "processor", None)
         for obj in (m, processor) if processor is not None else (m,):
-            settings = tuple((k, v) for k, v in vars(obj).items() if isinstance(v, (bool, int, float, str, type(None))))
-            parts.append((id(obj), settings))
+            settings = tuple((k, _setting(v)) for k, v in vars(obj).items() if k not in _MODULE_INTERNALS)
+            parts.append((type(obj), id(obj), settings))
     tensors = (*module.parameters(), *module.buffers())
     return tuple(parts), tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def _setting(value):
+    """A hashable stand-in for a Python setting: itself for plain values, contents for containers, else identity."""
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_setting(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _setting(v)) for k, v in value.items())
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    return (type(value).__name__, id(value))

@@ -64,14 +64,16 @@ def twice(pipe):
 
 
 def test_replaced_processors_and_python_settings_get_a_new_graph(tiny_pipe):
+    graphs = tiny_pipe._traced_unet._graphs
     twice(tiny_pipe)
-    graphs = len(tiny_pipe._traced_unet._graphs)
+    first = set(graphs)
     tiny_pipe.unet.set_attn_processor(AttnProcessor())  # another implementation of the same attention
     np.testing.assert_array_equal(twice(tiny_pipe), eager(tiny_pipe))
-    assert len(tiny_pipe._traced_unet._graphs) == graphs + 1
+    second = set(graphs)
+    assert second and second.isdisjoint(first)  # a new graph; the old one dropped
     tiny_pipe.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)  # plain floats on the up blocks
     freeu = twice(tiny_pipe)
-    assert len(tiny_pipe._traced_unet._graphs) == graphs + 2
+    assert graphs and set(graphs).isdisjoint(second)
     np.testing.assert_array_equal(freeu, eager(tiny_pipe))
     tiny_pipe.unet.disable_freeu()
     assert np.abs(twice(tiny_pipe) - freeu).max() > 0
@@ -94,51 +96,77 @@ def test_untraceable_states_run_eagerly():
     assert calls == [1] * 4 and not traced._graphs  # eager every time
 
 
-def test_lora_adapters_run_eagerly_and_change_the_image(tiny_pipe):
-    from peft import LoraConfig
+def test_lora_adapters_anywhere_run_eagerly(tiny_pipe):
+    from peft import LoraConfig, inject_adapter_in_model
 
-    before = run(tiny_pipe)
-    tiny_pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    before = twice(tiny_pipe)  # a graph of the plain U-Net exists
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False),
+                            tiny_pipe.unet.up_blocks)  # LoRA layers deep inside, no peft_config on the U-Net
     assert not traceable(tiny_pipe.unet)
     after = run(tiny_pipe)
     assert np.abs(after - before).max() > 1e-4
+    np.testing.assert_array_equal(after, eager(tiny_pipe))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_reduced_precision_runs_the_networks_in_it_and_the_sampler_in_float32(tiny_dir, dtype):
+def test_autocast_compile_and_offload_hooks_run_eagerly(tiny_pipe):
+    twice(tiny_pipe)  # graphs recorded in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run(tiny_pipe)
+        np.testing.assert_array_equal(autocast, eager(tiny_pipe))
+    assert np.abs(autocast - run(tiny_pipe)).max() > 0
+    with torch.no_grad():
+        assert traceable(tiny_pipe.unet)
+        setattr(tiny_pipe.unet.conv_in, "_diffusers_hook", object())
+        assert not traceable(tiny_pipe.unet)
+        del tiny_pipe.unet.conv_in._diffusers_hook
+        tiny_pipe.unet.mid_block.compile()  # in place, one part only
+        assert not traceable(tiny_pipe.unet)
+
+
+def test_replaced_modules_drop_their_graphs_and_copies_start_without_any(tiny_pipe):
+    import copy
+    import pickle
+
+    twice(tiny_pipe)
+    old = tiny_pipe._traced_unet._graphs
+    assert old
+    copied = copy.deepcopy(tiny_pipe)
+    assert not copied._traced_unet._graphs and pickle.loads(pickle.dumps(tiny_pipe._traced_unet)).fn is not None
+    np.testing.assert_array_equal(run(copied), run(tiny_pipe))
+    tiny_pipe.unet = copied.unet
+    run(tiny_pipe)
+    assert not tiny_pipe._traced_unet._graphs  # the old U-Net's graphs went at the bind: its weights can be freed
+
+
+def test_reduced_precision_runs_the_networks_in_it_and_the_sampler_in_float32(tiny_dir):
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_dir)
     pipe.set_progress_bar_config(disable=True)
     reference = run(pipe)
-    pipe.to(dtype=dtype)
-    run(pipe)  # the next call replays a graph
+    pipe.to(dtype=torch.bfloat16)
     seen = []
     original_step = pipe.scheduler.step
     pipe.scheduler.step = lambda output, t, sample, **kw: seen.append((output.dtype, sample.dtype)) or \
         original_step(output, t, sample, **kw)
-    low = run(pipe)
-    assert pipe.unet.dtype == dtype and set(seen) == {(torch.float32, torch.float32)}
-    latents = pipe("a tiger", num_inference_steps=STEPS, generator=seeded(), output_type="latent").images
-    assert latents.dtype == torch.float32
+    low = twice(pipe)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe._traced_unet._graphs
+    assert set(seen) == {(torch.float32, torch.float32)}
     assert np.isfinite(low).all() and 0 < np.abs(low - reference).mean() < 0.05
+    latents = pipe("a tiger", num_inference_steps=STEPS, generator=seeded(), output_type="latent").images
+    assert latents.dtype == torch.bfloat16  # as diffusers returns them, ready for pipe.vae.decode
+    pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
 
 
-def test_the_pipeline_attention_is_diffusers_default_in_fp32_and_plain_matmuls_in_bf16_on_cpu(tiny_pipe):
-    from diffusers.models.attention_processor import AttnProcessor2_0
+def test_bf16_on_the_cpu_swaps_in_diffusers_matmul_attention_and_back(tiny_dir):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from latentdiff.attention import LatentAttnProcessor
-
-    attn = next(m for m in tiny_pipe.unet.modules() if isinstance(getattr(m, "processor", None), LatentAttnProcessor))
-    assert all(isinstance(p, LatentAttnProcessor) for p in tiny_pipe.vae.attn_processors.values())
-    x = torch.randn(2, 16, attn.to_q.in_features)
-    with torch.no_grad():
-        ours = attn.processor(attn, x)
-        torch.testing.assert_close(ours, AttnProcessor2_0()(attn, x), rtol=0, atol=0)
-        calls = []
-        attn.processor._matmul = lambda *a, **kw: calls.append(1) or LatentAttnProcessor._matmul(*a, **kw)
-        try:
-            low = attn.to(torch.bfloat16).processor(attn, x.bfloat16())
-        finally:
-            del attn.processor._matmul
-            attn.float()
-    assert calls == [1] and low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), ours, rtol=0.05, atol=0.05)
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_dir)
+    kinds = lambda: {type(p) for m in (pipe.unet, pipe.vae) for p in m.attn_processors.values()}  # noqa: E731
+    assert kinds() == {AttnProcessor2_0}  # fp32: diffusers' default, untouched
+    pipe.to(dtype=torch.bfloat16)
+    assert kinds() == {AttnProcessor}
+    pipe.unet.set_default_attn_processor()  # diffusers' own checks accept it
+    pipe.to(dtype=torch.float32)
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor}  # the user's choice stays
+    assert {type(p) for p in pipe.vae.attn_processors.values()} == {AttnProcessor2_0}  # ours is undone
+    bf16 = LatentDiffusionPipeline.from_pretrained(tiny_dir, torch_dtype=torch.bfloat16)
+    assert {type(p) for p in bf16.unet.attn_processors.values()} == {AttnProcessor}
