@@ -1,6 +1,6 @@
 """LatentDiffusionPipeline against diffusers' StableDiffusionPipeline on the same weights, side by side in one run.
 
-    python benchmarks/bench_pipeline.py [--models small,shipped] [--batches 1,8] [--steps 25] [--repeats 5]
+    python benchmarks/bench_pipeline.py [--models small,shipped] [--batches 1,8] [--steps 25] [--repeats 5] [--profile]
 
 For each model and batch size: images/s of both pipelines (fp32, same scheduler, steps, seed, 64x64, guidance
 7.5; runs interleaved so all see the same machine), their ratio, the largest pixel difference between their images,
@@ -78,6 +78,19 @@ def run(pipe, batch: int, steps: int, seed: int = 0) -> np.ndarray:
                 output_type="np").images
 
 
+def profile_ops(name: str, batch: int, calls: dict, path: Path, rows: int = 12) -> None:
+    """Append the torch.profiler table (self CPU time by op) of one warm call of each pipeline to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for key, call in calls.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                call()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+            f.write(f"== {name}, batch {batch}, {key}\n{table}\n")
+
+
 def measure(name: str, pipes: dict, batch: int, args, peak: dict) -> dict:
     """One table row: every pipeline timed `repeats` times, interleaved, after two warm-up calls (the second one
     replays our traced graphs; its images are the ones compared)."""
@@ -104,6 +117,8 @@ def measure(name: str, pipes: dict, batch: int, args, peak: dict) -> dict:
            **{f"{k}_images_per_s": batch / s["median_s"] for k, s in stats.items()}, "timings": stats,
            "speedup": ratio("diffusers", "ours"), "eager_speedup": ratio("diffusers", "ours_eager"),
            "bf16_speedup": ratio("diffusers", "ours_bf16"), "bf16_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_bf16")}
+    if args.profile:
+        profile_ops(name, batch, calls, Path(args.out) / "pipeline-profile.txt")
     row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
     row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
     print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers {row['diffusers_images_per_s']:.2f} "
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--profile", action="store_true",
+                        help="also write pipeline-profile.txt: the ops that take the time in one call of each pipeline")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_grad_enabled(False)
