@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="copy a model folder with its weights stored in another precision")
     export.add_argument("model", help="model folder to copy")
     export.add_argument("--out", required=True, help="folder to write (e.g. latentdiff/assets/default-model)")
+    export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                        help="store this sampler instead of the model's own (same noise schedule and prediction type)")
     export.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="fp16",
                         help="precision of the stored weights (default: fp16, half the size; they load as fp32)")
 
@@ -140,6 +142,10 @@ def export_model(args) -> tuple[Path, int]:
     if out.resolve() == source.resolve():
         raise ValueError(f"--out must differ from the model folder, got {args.out!r} for both")
     pipe = LatentDiffusionPipeline.from_pretrained(source)
+    if args.scheduler:
+        from .schedulers import scheduler_from_name
+
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.to(dtype=getattr(torch, STORAGE_DTYPES[args.dtype]))
     for component in ("unet", "vae", "text_encoder", "clip"):
         module = getattr(pipe, component)

@@ -49,6 +49,11 @@ def test_export_stores_half_precision_weights_that_load_as_float32(tiny_dir, tmp
     assert not (tmp_path / "half" / "recipe.json").exists(), "a stale record of another model stays behind"
     assert main(["export", str(source), "--out", str(source)]) == 2
     assert "--out must differ from the model folder" in capsys.readouterr().err
+    assert main(["export", str(source), "--out", str(tmp_path / "dpm"), "--scheduler", "dpm++"]) == 0
+    scheduler = LatentDiffusionPipeline.from_pretrained(tmp_path / "dpm").scheduler
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert scheduler.config.timestep_spacing == full.scheduler.config.timestep_spacing
+    assert type(StableDiffusionPipeline.from_pretrained(tmp_path / "dpm").scheduler) is type(scheduler)
 
 
 def test_generate_single_image_is_seeded(tiny_dir, tmp_path):
