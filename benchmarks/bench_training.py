@@ -6,7 +6,7 @@ the VAE encoder and the text encoder on every step, the way diffusers' text-to-i
 Both run train_unet's own step (same U-Net, batch, precision, optimizer) on the same data; the time of the steps
 alone is measured (the one-off cache build is reported apart). Model-FLOPs utilisation = FLOPs of one U-Net training
 step (forward + backward, torch.utils.flop_counter) × steps/s ÷ the fp32 matmul peak measured in the same run.
-Writes benchmarks/results/training.json and .md.
+Writes benchmarks/results/training-{fp32,bf16}.json and .md.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{flops['unet_step'] / 1e9:.0f} GFLOP, VAE encoder + text encoder {flops['encoders'] / 1e9:.0f} GFLOP); "
                  f"{args.preset} preset, batch {args.batch_size}, precision "
                  f"{args.precision}; matmul peak in that precision {peak:.0f} GFLOP/s; {machine()}")
-    write_report(Path(args.out), "training", report, "\n".join(table))
+    write_report(Path(args.out), f"training-{'fp32' if args.precision == 'no' else args.precision}", report, "\n".join(table))
     return report
 
 
