@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                    else None, labels=[prompts[i].text for i, _, _ in tiles],
                    zoom=-(-128 // tiles[0][2].size[0])).save(out / f"grid-s{scale:g}.png")
     if not state.is_main_process:
-        return None
+        return _finish(state, None)
     small = [r["image_size"] for r in rows if r.get("oracle") and r["image_size"] and r["image_size"] < 64]
     if small:
         print(f"warning: oracle accuracy on {small[0]} px images is unreliable (it needs ≥ 64 px; see README)")
@@ -266,4 +266,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if reference is not None and real_captions is not None:
         report["judge_on_reference"] = judge_reference(judge, reference, real_captions)
     write_tables(out, report)
+    return _finish(state, report)
+
+
+def _finish(state, report: dict | None) -> dict | None:
+    """Every process waits for the report, then the process group (if any) is torn down before the processes exit:
+    gloo threads still running at interpreter exit can abort a process."""
+    state.wait_for_everyone()
+    state.destroy_process_group()
     return report
