@@ -242,11 +242,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         step_kwargs = _accepted_kwargs(self.scheduler.step, eta=eta, generator=generator)
 
         # 3. Denoise: one U-Net call per step on [uncond; cond] when guiding.
-        unet = self._traced_unet.bind(self.unet, trace=self.use_tracing)
+        unet, unet_dtype = self._traced_unet.bind(self.unet, trace=self.use_tracing), self.unet.dtype
         passes = int(run_uncond) + int(run_cond)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * passes), t)
-            output = unet(model_input.to(self.unet.dtype), t, embeds).float()
+            output = unet(model_input.to(unet_dtype), t, embeds).float()
             if passes == 2:
                 uncond, cond = output.chunk(2)
                 output = diffusion.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
