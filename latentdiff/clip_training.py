@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     progress = trainer.train(accelerator, args, [clip], optimizer, lr_scheduler, loader, step)
     # 3. Held-out retrieval, then the parts.
-    summary = {"steps": progress.step, "skipped_steps": progress.bad_steps, "skipped_images": progress.skipped_images}
+    summary = progress.summary()
     if accelerator.is_main_process:
         raw.eval()
         if holdout is not None:

@@ -4,7 +4,8 @@
 
 Layout of OUT: data/ (the data set), model/ (the pipeline folder, filled stage by stage, with recipe.json: the recipe
 and the stage records), runs/STAGE/ (checkpoints, logs, samples), stages/STAGE.json (written when a stage finishes:
-its summary, wall time and hardware).
+its summary, the wall time and hardware of the command that finished it, and, for a training stage, every sitting
+it took in the summary's `sittings`, with `train_seconds` their total).
 Running the same command again skips finished stages and resumes an unfinished one from its latest checkpoint.
 """
 
@@ -12,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 import tomllib
 from pathlib import Path
 
-import torch
+from .trainer import hardware
 
 STAGES = ("data", "clip", "vae", "unet")
 
@@ -33,12 +33,6 @@ def load_recipe(path: str | Path) -> dict:
     if recipe.get("data", {}).get("kind") not in ("shapes", "emoji", "folder"):
         raise ValueError(f"recipe {path}: [data] kind must be 'shapes', 'emoji' or 'folder'")
     return recipe
-
-
-def hardware() -> dict:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__}
 
 
 def _data_stage(recipe: dict, out: Path) -> dict:

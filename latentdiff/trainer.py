@@ -4,7 +4,8 @@ The loop gives every script the same behaviour: gradient accumulation, mixed pre
 warm-up + cosine/constant learning rate, EMA, a tqdm bar (loss, lr, it/s), tensorboard logs through accelerate's
 trackers, atomic checkpoints of the whole accelerate state (models, optimizer, scheduler, RNG, EMA, step) that a
 later run resumes exactly — the data position included — and non-finite losses skipped and counted (ten in a
-row stop the run). It runs the same on one CPU and under `accelerate launch` on many GPUs.
+row stop the run). It runs the same on one CPU and under `accelerate launch` on many GPUs. A run that spans several
+sittings records each one (when, on what hardware, which steps, how long) in its checkpoints and its summary.
 
 A checkpoint is accelerate's `save_state` (models as safetensors; optimizer, scheduler and RNG states, which
 accelerate reloads with torch's restricted `weights_only` unpickler) plus our own `progress.json` and EMA weights
@@ -17,8 +18,10 @@ import argparse
 import json
 import logging
 import os
+import platform
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,21 +141,51 @@ def make_lr_scheduler(optimizer, args):
 
 
 class Progress:
-    """Optimizer steps done, where the data stands (epoch, batches of it consumed) and the skip tallies; saved in
-    every checkpoint as progress.json. The data position is counted, not derived from the step: accumulation
-    windows cut short at an epoch's end and skipped batches would make a derived one wrong."""
+    """Optimizer steps done, where the data stands (epoch, batches of it consumed), the skip tallies and the
+    sittings; saved in every checkpoint as progress.json. The data position is counted, not derived from the step:
+    accumulation windows cut short at an epoch's end and skipped batches would make a derived one wrong.
+
+    A sitting is one run of the loop: {"started" (UTC), "hardware", "processes", "from_step", "to_step", "seconds"},
+    brought up to date at each checkpoint and at the end, so the time of steps a killed run lost is not counted."""
 
     FIELDS = ("step", "epoch", "batches_in_epoch", "bad_steps", "skipped_images")
 
     def __init__(self):
         self.step = self.epoch = self.batches_in_epoch = self.bad_steps = self.skipped_images = 0
+        self.sittings: list[dict] = []
+        self._clock = None
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.FIELDS}
+        return {**{k: getattr(self, k) for k in self.FIELDS}, "sittings": self.sittings}
 
     def load_state_dict(self, state: dict) -> None:
         for k in self.FIELDS:
             setattr(self, k, state[k])
+        self.sittings = list(state.get("sittings", []))  # checkpoints written before sittings were recorded have none
+
+    def begin_sitting(self, processes: int) -> None:
+        self._clock = time.monotonic()
+        self.sittings.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "hardware": hardware(),
+                              "processes": processes, "from_step": self.step, "to_step": self.step, "seconds": 0.0})
+
+    def update_sitting(self) -> None:
+        if self._clock is not None:
+            self.sittings[-1].update(to_step=self.step, seconds=round(time.monotonic() - self._clock, 1))
+
+    def summary(self) -> dict:
+        """What a training script reports: steps, skips, and the sittings with their total time. Steps before the
+        first recorded sitting (from checkpoints that predate the record) are counted in `unrecorded_steps`."""
+        return {"steps": self.step, "skipped_steps": self.bad_steps, "skipped_images": self.skipped_images,
+                "train_seconds": round(sum(s["seconds"] for s in self.sittings), 1),
+                "unrecorded_steps": self.sittings[0]["from_step"] if self.sittings else self.step,
+                "sittings": self.sittings}
+
+
+def hardware() -> dict:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "torch": torch.__version__}
 
 
 def _save_own_state(folder: Path, progress: Progress, ema) -> None:
@@ -229,6 +262,7 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
     progress = progress or Progress()
     if not resume(accelerator, args, progress, ema):
         set_seed(args.seed, device_specific=True)  # from here each process draws its own noise and timesteps
+    progress.begin_sitting(accelerator.num_processes)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set: no full batch to train on")
     params = [p for m in models for p in m.parameters() if p.requires_grad]
@@ -282,6 +316,7 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], **logs},
                                 step=progress.step)
             if progress.step % args.checkpointing_steps == 0 or progress.step == args.max_steps:
+                progress.update_sitting()
                 save_checkpoint(accelerator, args.output_dir, progress, ema, args.checkpoints_total_limit)
             if on_step is not None and progress.step < args.max_steps:
                 on_step(progress.step)
@@ -290,6 +325,7 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
         else:  # the epoch ran out
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
     bar.close()
+    progress.update_sitting()
     if progress.skipped_images:
         accelerator.print(f"skipped {progress.skipped_images} unreadable images")
     if progress.bad_steps:

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     progress = trainer.train(accelerator, args, [unet], optimizer, lr_scheduler, loader, step, ema=ema,
                              on_step=on_step)
-    summary = {"steps": progress.step, "skipped_steps": progress.bad_steps, "skipped_images": progress.skipped_images}
+    summary = progress.summary()
     if accelerator.is_main_process:
         summary["samples"] = str(validate(args, progress.step, raw_unet, vae, text_encoder, tokenizer, scheduler,
                                           accelerator, ema))

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         return loss, logs
 
     trainer.train(accelerator, args, models, optimizer, lr_scheduler, loader, step, progress=progress)
-    summary = {"steps": progress.step, "skipped_steps": progress.bad_steps, "skipped_images": progress.skipped_images}
+    summary = progress.summary()
     if accelerator.is_main_process:
         raw_vae.eval()
         raw_vae.register_to_config(scaling_factor=latent_scaling_factor(raw_vae, loader, accelerator.device))

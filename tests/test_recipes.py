@@ -44,7 +44,12 @@ def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, cap
     assert pipe.clip is not None and pipe.vae.config.scaling_factor != 0.18215
     import json
 
-    assert json.loads((tmp_path / "run" / "stages" / "unet.json").read_text())["summary"]["steps"] == 4
+    summary = json.loads((tmp_path / "run" / "stages" / "unet.json").read_text())["summary"]
+    assert summary["steps"] == 4 and summary["unrecorded_steps"] == 0
+    # the killed sitting counts up to its checkpoint, the second one from there; each says where it ran
+    assert [(s["from_step"], s["to_step"]) for s in summary["sittings"]] == [(0, 2), (2, 4)]
+    assert all(s["seconds"] > 0 and s["hardware"]["cpu_count"] and s["processes"] == 1 for s in summary["sittings"])
+    assert summary["train_seconds"] == pytest.approx(sum(s["seconds"] for s in summary["sittings"]), abs=0.2)
     provenance = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
     assert list(provenance["stages"]) == ["data", "clip", "vae", "unet"] and provenance["recipe"]["name"] == "tiny"
     assert all(r["wall_seconds"] >= 0 and r["hardware"]["cpu_count"] for r in provenance["stages"].values())

@@ -317,6 +317,17 @@ def test_non_finite_gradients_of_a_finite_loss_are_skipped_too(tmp_path):
     assert all(torch.isfinite(p).all() for p in weight.parameters())
 
 
+def test_a_checkpoint_from_before_sittings_were_recorded_resumes_with_its_earlier_steps_unrecorded():
+    progress = trainer.Progress()
+    progress.load_state_dict({"step": 7000, "epoch": 118, "batches_in_epoch": 5, "bad_steps": 0, "skipped_images": 0})
+    progress.begin_sitting(processes=1)
+    progress.step = 7010
+    progress.update_sitting()
+    summary = progress.summary()
+    assert summary["steps"] == 7010 and summary["unrecorded_steps"] == 7000
+    assert [(s["from_step"], s["to_step"]) for s in summary["sittings"]] == [(7000, 7010)]
+
+
 def test_ten_non_finite_losses_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(RuntimeError, match="NaN or infinite 10 times in a row"):
         _toy_run(tmp_path, [1.0] + [float("nan")] * 12)
@@ -334,7 +345,8 @@ def test_two_processes_under_accelerate_launch(parts, shapes, tmp_path, script):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), MULTI_CPU" in result.stdout, result.stdout[-2000:]
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and [s["processes"] for s in summary["sittings"]] == [2]
 
 
 def test_distributed_contrastive_loss_equals_the_single_process_loss():
