@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = commands.add_parser("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
-    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet")
+    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder")
 
     export = commands.add_parser("export", help="copy a model folder with its weights stored in another precision")
     export.add_argument("model", help="model folder to copy")

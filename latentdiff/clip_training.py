@@ -22,6 +22,7 @@ from transformers import CLIPModel, CLIPTokenizer
 from . import trainer
 from .data.loader import readable_batches
 from .evaluation import two_way_retrieval
+from .model_folder import write_component
 from .models import build_clip, load_preset, save_clip_folder, text_encoder_from_clip
 from .tokenizer import train_tokenizer
 
@@ -76,9 +77,10 @@ def retrieval(clip: CLIPModel, tokenizer: CLIPTokenizer, dataset, batch_size: in
 
 def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> None:
     """MODEL_DIR/tokenizer, /text_encoder and /clip (with tokenizer and image-processor config)."""
-    tokenizer.save_pretrained(model_dir / "tokenizer")
-    text_encoder_from_clip(clip).save_pretrained(model_dir / "text_encoder", max_shard_size="15MB")
-    save_clip_folder(clip, tokenizer, model_dir / "clip")
+    write_component(model_dir / "tokenizer", tokenizer.save_pretrained)
+    text_encoder = text_encoder_from_clip(clip)
+    write_component(model_dir / "text_encoder", lambda f: text_encoder.save_pretrained(f, max_shard_size="15MB"))
+    write_component(model_dir / "clip", lambda f: save_clip_folder(clip, tokenizer, f))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -151,3 +154,18 @@ def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
         "requires_safety_checker": False,
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_component(folder: str | Path, save: Callable[[Path], None]) -> None:
+    """Write one component folder through `save(staging_folder)`, then swap it in for the old one: a run killed
+    while saving leaves the previous component whole (training stages write into folders other runs read)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        save(staging / folder.name)
+        if folder.exists():
+            folder.rename(staging / "old")
+        (staging / folder.name).rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

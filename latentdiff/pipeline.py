@@ -91,22 +91,33 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         return cls(**{**loaded, **components})
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "15MB",
-                        safe_serialization: bool = True) -> None:
+                        safe_serialization: bool = True, *, components: tuple[str, ...] | None = None) -> None:
         """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
 
         Only the component folders and model_index.json are replaced; other files in the folder are left alone.
         Each component is written completely to a staging folder before it replaces the old one, so an
-        interrupted save never leaves a half-written component.
+        interrupted save never leaves a half-written component. `components` (e.g. `("unet", "scheduler")`)
+        writes only those into a folder that already holds the rest, leaving the others as they are on disk.
         """
         if not safe_serialization:
             raise ValueError("safe_serialization must be True: latentdiff writes safetensors only")
+        known = set(model_folder.COMPONENT_FOLDERS)
+        if components is not None and (not set(components) <= known or not components):
+            raise ValueError(f"components must name some of {sorted(known)}, got {components!r}")
+        if components is not None:
+            missing = [n for n in model_folder.COMPONENTS
+                       if n not in components and not (Path(save_directory) / n).is_dir()]
+            if missing:
+                raise ValueError(f"components={components!r} writes part of a pipeline, but {str(save_directory)!r} "
+                                 f"does not hold the rest: {missing} missing")
         target = Path(save_directory).resolve()
         if target.exists() and not target.is_dir():
             raise ValueError(f"save_directory must be a folder, got the file {str(save_directory)!r}")
         target.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".latentdiff-save-", dir=target))
         try:
-            for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "clip"):
+            written = model_folder.COMPONENT_FOLDERS if components is None else components
+            for name in written:
                 component = getattr(self, name)
                 if component is None:
                     continue
@@ -117,7 +128,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 else:
                     component.save_pretrained(staging / name, max_shard_size=max_shard_size)
             model_folder.write_model_index(staging, self.scheduler)
-            for name in model_folder.COMPONENT_FOLDERS:  # swap each component in; a stale clip/ goes too
+            for name in written:  # swap each component in; a stale clip/ goes too
                 if (target / name).exists():
                     (target / name).rename(staging / f"old-{name}")
                 if (staging / name).exists():

@@ -1,4 +1,6 @@
-"""Recipes: one TOML file per data set that chains data → CLIP → VAE → U-Net with the settings that made a model.
+"""Recipes: one TOML file per data set that chains data → CLIP → VAE → U-Net (→ decoder) with the settings that
+made a model. The optional decoder stage fine-tunes the VAE's decoder with its encoder frozen (`train_vae
+--finetune-decoder`): the U-Net's latents stay valid, so it can run after the U-Net, or beside it.
 
     latentdiff run-recipe pipelines/emoji64.toml --out runs/emoji64
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from .trainer import hardware
 
-STAGES = ("data", "clip", "vae", "unet")
+STAGES = ("data", "clip", "vae", "unet", "decoder")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -71,6 +73,8 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
             summary = clip_training.main([*common, "--model-dir", str(out / "model"), *args])
         elif stage == "vae":
             summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
+        elif stage == "decoder":
+            summary = vae_training.main([*common, "--model-dir", str(out / "model"), "--finetune-decoder", *args])
         else:
             summary = unet_training.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"),
                                           *args])

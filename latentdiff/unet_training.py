@@ -314,8 +314,12 @@ def main(argv: list[str] | None = None) -> dict:
                 model_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(raw_unet)))
             summary["lora"] = str(model_dir / "pytorch_lora_weights.safetensors")
         else:
+            # Into the folder the frozen parts came from, only what this stage made is written: a VAE decoder
+            # fine-tuned there meanwhile (the recipe's decoder stage) is not put back as it was.
+            same = model_dir.resolve() == Path(args.model).resolve()
             LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw_unet,
-                                    scheduler=scheduler, clip=clip).save_pretrained(model_dir)
+                                    scheduler=scheduler, clip=clip).save_pretrained(
+                model_dir, components=("unet", "scheduler") if same else None)
         trainer.write_summary(args.output_dir, summary)
     accelerator.end_training()
     return summary

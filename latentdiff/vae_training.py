@@ -8,6 +8,10 @@ weights: a perceptual distance in the feature space of the project's own CLIP im
 from MODEL_DIR/clip), and a PatchGAN (Isola et al. 2017) with the hinge loss and LDM's adaptive weight from
 `--disc-start` on. At the end: PSNR on held-out images, a grid of originals over reconstructions, and
 `scaling_factor` = 1 / std of the latents over training images (LDM §4.3.2), stored in the VAE's config.
+
+`--finetune-decoder` continues MODEL_DIR/vae with its encoder frozen, as Stability's ft-MSE/ft-EMA decoders were
+made: the latents, and so the scaling factor and every U-Net trained on them, stay as they were, while the images
+decoded from them get sharper. The recipe's `decoder` stage runs it after the U-Net.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch.func import functional_call
 from . import trainer
 from .data.loader import readable_batches
 from .images import image_grid
+from .model_folder import check_weights, write_component
 from .models import build_vae, load_preset
 
 
@@ -128,6 +133,20 @@ def latent_scaling_factor(vae, loader, device, max_images: int = 512) -> float:
     return 1.0 / torch.cat(latents).std().item()
 
 
+def load_vae_to_finetune(folder: Path) -> nn.Module:
+    """The trained VAE in `folder`, in float32, with the encoder side (encoder, quant_conv) frozen."""
+    from diffusers import AutoencoderKL
+
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--finetune-decoder continues a trained VAE, but {folder} holds none (run the vae stage first)")
+    check_weights(folder)
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
+    vae.encoder.requires_grad_(False)
+    if vae.quant_conv is not None:
+        vae.quant_conv.requires_grad_(False)
+    return vae
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -137,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--perceptual-weight", type=float, default=0.0, help="needs MODEL_DIR/clip (0: off)")
     parser.add_argument("--disc-weight", type=float, default=0.0, help="PatchGAN weight (0: off)")
     parser.add_argument("--disc-start", type=int, default=1000, help="first step of the adversarial term")
+    parser.add_argument("--finetune-decoder", action="store_true",
+                        help="train only the decoder of MODEL_DIR/vae (encoder frozen: latents unchanged)")
     trainer.add_common_args(parser, lr=1e-4, batch_size=16, max_steps=3000)
     return parser
 
@@ -148,10 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
     resolution = args.resolution or preset["resolution"]
     train_set, holdout = trainer.split_dataset(args, resolution)
 
-    vae = build_vae(preset)
+    if args.finetune_decoder:
+        vae = load_vae_to_finetune(model_dir / "vae")
+    else:
+        vae = build_vae(preset)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    models, groups = [Autoencode(vae)], [{"params": vae.parameters(), "lr": args.learning_rate}]
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    models, groups = [Autoencode(vae)], [{"params": trainable, "lr": args.learning_rate}]
     disc = PatchDiscriminator() if args.disc_weight > 0 else None
     if disc is not None:  # one optimizer: the discriminator's loss only reaches its own parameters (see step)
         models.append(disc)
@@ -190,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = progress.summary()
     if accelerator.is_main_process:
         raw_vae.eval()
-        raw_vae.register_to_config(scaling_factor=latent_scaling_factor(raw_vae, loader, accelerator.device))
+        if not args.finetune_decoder:  # a frozen encoder keeps its latents, and so their scale
+            raw_vae.register_to_config(scaling_factor=latent_scaling_factor(raw_vae, loader, accelerator.device))
         summary["scaling_factor"] = raw_vae.config.scaling_factor
         if holdout is not None:
             summary["holdout_psnr"], originals, reconstructions = evaluate(raw_vae, holdout, accelerator.device)
@@ -201,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.log({"eval/psnr": summary["holdout_psnr"]}, step=progress.step)
             accelerator.print(f"held-out PSNR {summary['holdout_psnr']:.2f} dB; scaling_factor "
                               f"{summary['scaling_factor']:.4f}; grid in {args.output_dir}/reconstructions.png")
-        raw_vae.save_pretrained(model_dir / "vae", max_shard_size="15MB")
+        write_component(model_dir / "vae", lambda folder: raw_vae.save_pretrained(folder, max_shard_size="15MB"))
         trainer.write_summary(args.output_dir, summary)
     accelerator.end_training()
     return summary

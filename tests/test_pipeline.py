@@ -193,6 +193,18 @@ def test_missing_and_incomplete_folders_name_the_file(tiny_dir, tmp_path):
         LatentDiffusionPipeline.from_pretrained(broken)
 
 
+def test_saving_some_components_needs_a_folder_that_holds_the_rest(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"does not hold the rest: \['vae', 'text_encoder', 'tokenizer'\]"):
+        tiny_pipe.save_pretrained(tmp_path / "new", components=("unet", "scheduler"))
+    with pytest.raises(ValueError, match="components must name some of"):
+        tiny_pipe.save_pretrained(tmp_path / "new", components=("unet", "decoder"))
+    tiny_pipe.save_pretrained(tmp_path / "whole")
+    kept = (tmp_path / "whole" / "vae").stat().st_ino
+    tiny_pipe.save_pretrained(tmp_path / "whole", components=("unet", "scheduler"))
+    assert (tmp_path / "whole" / "vae").stat().st_ino == kept
+    LatentDiffusionPipeline.from_pretrained(tmp_path / "whole")
+
+
 def test_pickle_only_weights_are_refused_by_name(tiny_dir, tmp_path):
     import shutil
 

@@ -21,6 +21,8 @@ args = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "8", "--holdout"
 [unet]
 args = ["--preset", "tiny", "--max-steps", "4", "--batch-size", "8", "--holdout", "8", "--report-to", "none",
         "--cache-latents", "--validation-prompts", "a red circle", "--checkpointing-steps", "2"]
+[decoder]
+args = ["--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
 """
 
 
@@ -51,7 +53,8 @@ def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, cap
     assert all(s["seconds"] > 0 and s["hardware"]["cpu_count"] and s["processes"] == 1 for s in summary["sittings"])
     assert summary["train_seconds"] == pytest.approx(sum(s["seconds"] for s in summary["sittings"]), abs=0.2)
     provenance = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
-    assert list(provenance["stages"]) == ["data", "clip", "vae", "unet"] and provenance["recipe"]["name"] == "tiny"
+    assert list(provenance["stages"]) == ["data", "clip", "vae", "unet", "decoder"]
+    assert provenance["recipe"]["name"] == "tiny"
     assert all(r["wall_seconds"] >= 0 and r["hardware"]["cpu_count"] for r in provenance["stages"].values())
 
 
@@ -62,6 +65,8 @@ def test_shipped_recipes_parse(recipe, tmp_path):
     clip_training.build_parser().parse_args([*required, *parsed["clip"]["args"]])
     vae_training.build_parser().parse_args([*required, *parsed["vae"]["args"]])
     unet_training.build_parser().parse_args([*required, "--model", "m", *parsed["unet"]["args"]])
+    if "decoder" in parsed:
+        vae_training.build_parser().parse_args([*required, "--finetune-decoder", *parsed["decoder"]["args"]])
 
 
 def test_bad_recipes_are_named(tmp_path):

@@ -98,6 +98,41 @@ def test_vae_adversarial_and_perceptual_terms_run(parts, shapes, tmp_path):
     assert summary["steps"] == 3 and np.isfinite(summary["holdout_psnr"])
 
 
+def test_decoder_finetuning_keeps_the_latents_and_a_later_unet_stage_keeps_the_decoder(parts, shapes, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    model = tmp_path / "model"
+    shutil.copytree(parts[0], model)
+    before = AutoencoderKL.from_pretrained(model / "vae")
+    summary = vae_training.main(["--data", str(shapes), "--model-dir", str(model), "--output-dir", str(tmp_path / "dec"),
+                                 "--finetune-decoder", "--max-steps", "3", "--batch-size", "8", "--holdout", "8",
+                                 "--learning-rate", "1e-3", *QUIET])
+    after = AutoencoderKL.from_pretrained(model / "vae")
+    assert summary["steps"] == 3 and np.isfinite(summary["holdout_psnr"])
+    assert after.config.scaling_factor == before.config.scaling_factor  # the latents did not change, nor their scale
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert not all(torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+
+    # A U-Net stage writing into the folder it reads its frozen parts from writes only unet/ and scheduler/, so a
+    # decoder fine-tuned there while it trained (the recipe's decoder stage) is not put back as it was.
+    vae_folder = (model / "vae").stat().st_ino
+    unet_training.main(["--data", str(shapes), "--model", str(model), "--model-dir", str(model), "--preset", "tiny",
+                        "--output-dir", str(tmp_path / "unet"), "--max-steps", "2", "--batch-size", "8", *QUIET,
+                        "--validation-prompts", "a red circle"])
+    assert (model / "vae").stat().st_ino == vae_folder and (model / "unet" / "config.json").is_file()
+    LatentDiffusionPipeline.from_pretrained(model)
+
+
+def test_decoder_finetuning_needs_a_trained_vae(shapes, tmp_path):
+    with pytest.raises(ValueError, match="--finetune-decoder continues a trained VAE"):
+        vae_training.main(["--data", str(shapes), "--model-dir", str(tmp_path / "empty"), "--output-dir",
+                           str(tmp_path / "dec"), "--finetune-decoder", "--max-steps", "1", *QUIET])
+
+
 def _single_object_set(path, n=600, seed=0):
     """One coloured shape per image, captioned "a red circle": 48 classes, a task a tiny CLIP learns in seconds."""
     rng = random.Random(seed)
