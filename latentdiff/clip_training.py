@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         raw.eval()
         if holdout is not None:
-            summary.update(retrieval(raw, tokenizer, holdout, device=accelerator.device))
-            accelerator.log({f"eval/{k}": v for k, v in summary.items() if isinstance(v, float)}, step=progress.step)
-            accelerator.print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
+            scores = retrieval(raw, tokenizer, holdout, device=accelerator.device)
+            summary.update(scores)
+            accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=progress.step)
+            accelerator.print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
                                                                    if k.endswith(("top1", "top5"))))
         save_clip(raw, tokenizer, model_dir)
         trainer.write_summary(args.output_dir, summary)

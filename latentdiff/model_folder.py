@@ -156,16 +156,34 @@ def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_component(folder: str | Path, save: Callable[[Path], None]) -> None:
+def write_component(folder: str | Path, save: Callable[[Path], None] | None) -> None:
     """Write one component folder through `save(staging_folder)`, then swap it in for the old one: a run killed
-    while saving leaves the previous component whole (training stages write into folders other runs read)."""
+    while saving leaves the previous component whole (training stages write into folders other runs read), and an
+    exception between the two renames puts the old one back. `save=None` removes the component.
+
+    A hard kill in the instant between the renames leaves the old folder in `.NAME-*/old`; the next write of NAME
+    puts it back before it starts."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        for leftover in sorted(folder.parent.glob(f".{folder.name}-*/old")):
+            leftover.rename(folder)
+            break
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    new, old = staging / folder.name, staging / "old"
     try:
-        save(staging / folder.name)
-        if folder.exists():
-            folder.rename(staging / "old")
-        (staging / folder.name).rename(folder)
+        if save is not None:
+            save(new)
+            if not new.is_dir():
+                raise RuntimeError(f"writing {folder} produced no folder")
+        try:
+            if folder.exists():
+                folder.rename(old)
+            if save is not None:
+                new.rename(folder)
+        except BaseException:
+            if old.is_dir() and not folder.exists():
+                old.rename(folder)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

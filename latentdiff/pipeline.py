@@ -95,15 +95,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
 
         Only the component folders and model_index.json are replaced; other files in the folder are left alone.
-        Each component is written completely to a staging folder before it replaces the old one, so an
-        interrupted save never leaves a half-written component. `components` (e.g. `("unet", "scheduler")`)
-        writes only those into a folder that already holds the rest, leaving the others as they are on disk.
+        Each component is written completely to a staging folder before it replaces the old one
+        (`model_folder.write_component`), so an interrupted save never leaves a half-written component.
+        `components` (e.g. `("unet", "scheduler")`) writes only those into a folder that already holds the rest,
+        leaving the others as they are on disk; it must include the scheduler, whose class model_index.json names.
         """
         if not safe_serialization:
             raise ValueError("safe_serialization must be True: latentdiff writes safetensors only")
         known = set(model_folder.COMPONENT_FOLDERS)
-        if components is not None and (not set(components) <= known or not components):
-            raise ValueError(f"components must name some of {sorted(known)}, got {components!r}")
+        if components is not None and (not set(components) <= known or "scheduler" not in components):
+            raise ValueError(f"components must name some of {sorted(known)}, the scheduler among them (model_index.json "
+                             f"names its class), got {components!r}")
         if components is not None:
             missing = [n for n in model_folder.COMPONENTS
                        if n not in components and not (Path(save_directory) / n).is_dir()]
@@ -114,25 +116,21 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if target.exists() and not target.is_dir():
             raise ValueError(f"save_directory must be a folder, got the file {str(save_directory)!r}")
         target.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".latentdiff-save-", dir=target))
+        for name in model_folder.COMPONENT_FOLDERS if components is None else components:
+            component = getattr(self, name)
+            if component is None:  # a whole pipeline without a CLIP: a stale clip/ goes
+                model_folder.write_component(target / name, None)
+            elif name in ("tokenizer", "scheduler"):
+                model_folder.write_component(target / name, component.save_pretrained)
+            elif name == "clip":
+                model_folder.write_component(
+                    target / name, lambda folder: save_clip_folder(self.clip, self.tokenizer, folder, max_shard_size))
+            else:
+                model_folder.write_component(
+                    target / name, lambda folder, c=component: c.save_pretrained(folder, max_shard_size=max_shard_size))
+        staging = Path(tempfile.mkdtemp(prefix=".model_index-", dir=target))
         try:
-            written = model_folder.COMPONENT_FOLDERS if components is None else components
-            for name in written:
-                component = getattr(self, name)
-                if component is None:
-                    continue
-                if name in ("tokenizer", "scheduler"):
-                    component.save_pretrained(staging / name)
-                elif name == "clip":
-                    save_clip_folder(component, self.tokenizer, staging / name, max_shard_size)
-                else:
-                    component.save_pretrained(staging / name, max_shard_size=max_shard_size)
             model_folder.write_model_index(staging, self.scheduler)
-            for name in written:  # swap each component in; a stale clip/ goes too
-                if (target / name).exists():
-                    (target / name).rename(staging / f"old-{name}")
-                if (staging / name).exists():
-                    (staging / name).rename(target / name)
             os.replace(staging / "model_index.json", target / "model_index.json")
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -56,6 +56,10 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
     done_dir = out / "stages"
     done_dir.mkdir(parents=True, exist_ok=True)
     records = {}
+    for stage in stages or []:
+        if stage not in recipe:
+            raise ValueError(f"--stages: {stage!r} is not a section of {path} (its stages: "
+                             f"{[s for s in STAGES if s in recipe]})")
     for stage in stages or [s for s in STAGES if s in recipe]:
         marker = done_dir / f"{stage}.json"
         if marker.is_file():

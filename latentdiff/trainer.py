@@ -146,7 +146,8 @@ class Progress:
     accumulation windows cut short at an epoch's end and skipped batches would make a derived one wrong.
 
     A sitting is one run of the loop: {"started" (UTC), "hardware", "processes", "from_step", "to_step", "seconds"},
-    brought up to date at each checkpoint and at the end, so the time of steps a killed run lost is not counted."""
+    brought up to date at each checkpoint and at the end, so the time of steps a killed run lost is not counted.
+    The seconds are the loop's: loading models and building a latent cache before it are not in them."""
 
     FIELDS = ("step", "epoch", "batches_in_epoch", "bad_steps", "skipped_images")
 
@@ -262,7 +263,8 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
     progress = progress or Progress()
     if not resume(accelerator, args, progress, ema):
         set_seed(args.seed, device_specific=True)  # from here each process draws its own noise and timesteps
-    progress.begin_sitting(accelerator.num_processes)
+    if progress.step < args.max_steps:  # a finished run resumed (killed while saving its model) adds no sitting
+        progress.begin_sitting(accelerator.num_processes)
     if len(loader) == 0:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the training set: no full batch to train on")
     params = [p for m in models for p in m.parameters() if p.requires_grad]

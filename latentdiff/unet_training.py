@@ -44,12 +44,15 @@ DEFAULT_PROMPTS = ["a red circle", "two blue squares", "a tiger", "a red apple"]
 
 # 1. Latent and text-embedding cache -------------------------------------------------------------------------------
 
-def _fingerprint(*modules: torch.nn.Module) -> str:
+def _fingerprint(*modules: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
+    """A hash of the modules' configs and of their weights, but for those whose names start with `skip`."""
     digest = hashlib.sha256()
     for module in modules:
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in sorted(module.state_dict().items()):
+            if name.startswith(skip):
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -58,7 +61,9 @@ def _fingerprint(*modules: torch.nn.Module) -> str:
 def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolution: int) -> Path:
     """Where the cache for exactly this VAE, text encoder, tokenizer, data and resolution lives."""
     digest = hashlib.sha256()
-    digest.update(_fingerprint(vae, text_encoder).encode())
+    # the latents come from the encoder side only: a fine-tuned decoder (train_vae --finetune-decoder) keeps the cache
+    digest.update(_fingerprint(vae, skip=("decoder.", "post_quant_conv.")).encode())
+    digest.update(_fingerprint(text_encoder).encode())
     # vocabulary, merges and normalisation; not the padding and truncation a previous call left set on it
     backend = {k: v for k, v in json.loads(tokenizer.backend_tokenizer.to_str()).items()
                if k not in ("padding", "truncation")}

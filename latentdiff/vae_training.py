@@ -165,14 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     accelerator, model_dir = trainer.start(args, "train_vae")
-    preset = load_preset(args.preset)
-    resolution = args.resolution or preset["resolution"]
-    train_set, holdout = trainer.split_dataset(args, resolution)
-
-    if args.finetune_decoder:
+    if args.finetune_decoder:  # the VAE's own size, not the preset's
         vae = load_vae_to_finetune(model_dir / "vae")
+        resolution = args.resolution or vae.config.sample_size
     else:
-        vae = build_vae(preset)
+        preset = load_preset(args.preset)
+        vae, resolution = build_vae(preset), args.resolution or preset["resolution"]
+    train_set, holdout = trainer.split_dataset(args, resolution)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     trainable = [p for p in vae.parameters() if p.requires_grad]

@@ -198,11 +198,52 @@ def test_saving_some_components_needs_a_folder_that_holds_the_rest(tiny_pipe, tm
         tiny_pipe.save_pretrained(tmp_path / "new", components=("unet", "scheduler"))
     with pytest.raises(ValueError, match="components must name some of"):
         tiny_pipe.save_pretrained(tmp_path / "new", components=("unet", "decoder"))
+    with pytest.raises(ValueError, match="the scheduler among them"):
+        tiny_pipe.save_pretrained(tmp_path / "new", components=("unet",))
     tiny_pipe.save_pretrained(tmp_path / "whole")
     kept = (tmp_path / "whole" / "vae").stat().st_ino
     tiny_pipe.save_pretrained(tmp_path / "whole", components=("unet", "scheduler"))
     assert (tmp_path / "whole" / "vae").stat().st_ino == kept
     LatentDiffusionPipeline.from_pretrained(tmp_path / "whole")
+
+
+def test_an_interrupted_component_write_keeps_the_old_component(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from latentdiff.model_folder import write_component
+
+    folder = tmp_path / "vae"
+    write_component(folder, lambda f: (f.mkdir(), (f / "w").write_text("old")))
+
+    def half_written(f):
+        f.mkdir()
+        (f / "w").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_component(folder, half_written)
+    assert (folder / "w").read_text() == "old"
+    real_rename = Path.rename
+
+    def interrupted_swap(self, target):  # killed right after the old folder was moved aside
+        result = real_rename(self, target)
+        if self == folder:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Path, "rename", interrupted_swap)
+    with pytest.raises(KeyboardInterrupt):
+        write_component(folder, lambda f: (f.mkdir(), (f / "w").write_text("new")))
+    monkeypatch.undo()
+    assert (folder / "w").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["vae"]
+    # a hard kill between the two renames leaves the old folder in the staging folder; the next write restores it
+    (tmp_path / ".vae-killed").mkdir()
+    folder.rename(tmp_path / ".vae-killed" / "old")
+    with pytest.raises(RuntimeError, match="produced no folder"):
+        write_component(folder, lambda f: None)
+    assert (folder / "w").read_text() == "old"
+    write_component(folder, lambda f: (f.mkdir(), (f / "w").write_text("new")))
+    assert (folder / "w").read_text() == "new"
 
 
 def test_pickle_only_weights_are_refused_by_name(tiny_dir, tmp_path):

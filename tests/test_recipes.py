@@ -70,6 +70,12 @@ def test_shipped_recipes_parse(recipe, tmp_path):
 
 
 def test_bad_recipes_are_named(tmp_path):
+    from latentdiff.recipes import run_recipe
+
+    good = tmp_path / "tiny.toml"
+    good.write_text(TINY)
+    with pytest.raises(ValueError, match=r"--stages: 'decodr' is not a section of"):
+        run_recipe(good, tmp_path / "run", ["decodr"])
     with pytest.raises(ValueError, match="recipe must be a TOML file"):
         load_recipe(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"

@@ -281,8 +281,15 @@ def test_a_changed_model_gets_a_new_cache(parts, shapes, tmp_path):
     train_set, _ = trainer.split_dataset(args, 32)
     before = unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32)
     with torch.no_grad():
-        vae.decoder.conv_out.bias.add_(1e-3)  # a VAE trained one step further
-    assert unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32) != before
+        vae.decoder.conv_out.bias.add_(1e-3)  # a fine-tuned decoder: the latents are the same
+    assert unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32) == before
+    with torch.no_grad():
+        vae.encoder.conv_out.bias.add_(1e-3)  # a VAE trained one step further
+    changed_vae = unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32)
+    assert changed_vae != before
+    with torch.no_grad():
+        text_encoder.get_parameter("final_layer_norm.bias").add_(1e-3)
+    assert unet_training.cache_path(tmp_path, vae, text_encoder, tokenizer, train_set, 32) not in (before, changed_vae)
     assert isinstance(vae, AutoencoderKL)
 
 
