@@ -8,7 +8,7 @@ built from --preset (from scratch); with unet/ it is fine-tuned, fully or throug
 saved as pytorch_lora_weights.safetensors for `pipe.load_lora_weights`. The whole pipeline folder is written to
 --model-dir at the end, with the EMA weights when --use-ema is on.
 --cache-latents encodes the data once (posterior mean and std per image, text hidden states per distinct
-caption) into a safetensors file named by a hash of the VAE, text encoder, tokenizer, data and resolution, so
+caption) into a safetensors file named by a hash of the VAE's encoder side, text encoder, tokenizer, data and resolution, so
 it is reused across epochs and runs and never used for another model or data set. The main process builds it
 while the others wait (keep --cache-dir on a shared disk for several machines; build it once beforehand with a
 single process for very large data, where the wait could pass the process group's timeout).
