@@ -13,6 +13,7 @@ refused, because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -141,7 +142,8 @@ def load_scheduler(folder: Path) -> SchedulerMixin:
 
 
 def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
-    """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker)."""
+    """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker), written to a
+    temporary file and renamed, so a reader never sees half of it."""
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -153,7 +155,9 @@ def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    staging = root / f".model_index.json.{os.getpid()}"
+    staging.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, root / "model_index.json")
 
 
 def write_component(folder: str | Path, save: Callable[[Path], None] | None) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
-import shutil
-import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -128,12 +125,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             else:
                 model_folder.write_component(
                     target / name, lambda folder, c=component: c.save_pretrained(folder, max_shard_size=max_shard_size))
-        staging = Path(tempfile.mkdtemp(prefix=".model_index-", dir=target))
-        try:
-            model_folder.write_model_index(staging, self.scheduler)
-            os.replace(staging / "model_index.json", target / "model_index.json")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        model_folder.write_model_index(target, self.scheduler)
 
     # Generation --------------------------------------------------------------------------------------------------
 
