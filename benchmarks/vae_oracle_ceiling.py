@@ -13,9 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,20 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not all(p.scene for p in prompts[:count]):
         raise ValueError(f"--data {args.data} must be a shapes data set (its rows need scenes for the oracle)")
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
-    real, round_trip = [], []
-    with torch.no_grad():
-        for start in range(0, count, 50):
-            rows = dataset.select(range(start, min(count, start + 50)))
-            images = [row["image"].convert("RGB") for row in rows]
-            pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images]))
-            decoded = vae.decode(vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mode()).sample.clamp(-1, 1)
-            for offset, (image, out) in enumerate(zip(images, decoded)):
-                scene = prompts[start + offset].scene
-                array = ((out.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-                real.append(ev.oracle_scores(scene, image))
-                round_trip.append(ev.oracle_scores(scene, Image.fromarray(array)))
-    report = {"vae": args.vae, "data": args.data, "scenes": count, "real": ev.oracle_accuracy(real),
-              "round_trip": ev.oracle_accuracy(round_trip)}
+    rows = dataset.select(range(count))
+    report = {"vae": args.vae, "data": args.data,
+              **ev.round_trip_oracle(vae, [row["image"] for row in rows], [p.scene for p in prompts[:count]])}
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate an image (a grid when --num-images > 1) from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="model folder (default: the model shipped with the package)")
+    gen.add_argument("--model", default=None, help="model folder, or a shipped model's name: emoji (the default) "
+                                                  "or shapes")
     gen.add_argument("--out", default="image.png", help="PNG to write (default: image.png)")
     gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
     gen.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance s (default: 7.5)")
@@ -53,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--out", required=True)
     shapes.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
+    held = shapes.add_mutually_exclusive_group()
+    held.add_argument("--holdout", default=None, metavar="PAIRS",
+                      help="colour-shape pairs no training scene or caption may hold, e.g. 'red circle,blue star'")
+    held.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
+                      help="hold out this fraction of the 48 colour-shape pairs, chosen by --holdout-seed")
+    shapes.add_argument("--holdout-seed", type=int, default=0, help="seed of the --holdout-fraction draw (default: 0)")
+    shapes.add_argument("--unseen-prompts", type=_positive_int, default=600,
+                        help="evaluation prompts with held-out pairs, written to OUT/unseen.jsonl (default: 600)")
     emoji = kinds.add_parser("emoji", help="every emoji the colour font can draw, captioned with its names")
     emoji.add_argument("--size", type=_positive_int, default=64, help="image side (default: 64)")
     emoji.add_argument("--out", required=True)
@@ -70,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = commands.add_parser("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
-    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder")
+    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,eval")
 
     export = commands.add_parser("export", help="copy a model folder with its weights stored in another precision")
     export.add_argument("model", help="model folder to copy")
@@ -79,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store this sampler instead of the model's own (same noise schedule and prediction type)")
     export.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="fp16",
                         help="precision of the stored weights (default: fp16, half the size; they load as fp32)")
+    export.add_argument("--no-clip", action="store_true",
+                        help="leave out clip/ (the judge for CLIP score and retrieval; generation does not use it)")
 
     new = commands.add_parser("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
@@ -110,10 +121,25 @@ def make_data(args) -> str:
     from .data.imagefolder import write_imagefolder
 
     if args.kind == "shapes":
-        from .data.shapes import shapes_rows
+        import json
 
-        n = write_imagefolder(args.out, shapes_rows(args.n, args.size, args.seed), overwrite=args.overwrite)
-        return f"wrote {n} shapes scenes ({args.size}x{args.size}) to {args.out}"
+        from .data import shapes
+
+        holdout = (shapes.parse_pairs(args.holdout) if args.holdout is not None
+                   else shapes.sample_holdout(args.holdout_fraction, args.holdout_seed)
+                   if args.holdout_fraction is not None else [])
+        extra = {}
+        if holdout:  # the split travels with the data set; the unseen prompts use a seed no training scene uses
+            split = {"holdout": [" ".join(p) for p in holdout], "holdout_fraction": args.holdout_fraction,
+                     "holdout_seed": args.holdout_seed if args.holdout_fraction is not None else None,
+                     "seed": args.seed, "unseen_prompts": "unseen.jsonl", "unseen_seed": args.seed + 1}
+            unseen = shapes.unseen_prompts(args.unseen_prompts, holdout, args.size, args.seed + 1)
+            extra = {shapes.SPLIT_FILE: json.dumps(split, indent=2) + "\n",
+                     "unseen.jsonl": "".join(json.dumps(row) + "\n" for row in unseen)}
+        n = write_imagefolder(args.out, shapes.shapes_rows(args.n, args.size, args.seed, holdout),
+                              overwrite=args.overwrite, extra_files=extra)
+        held = f"; held out {len(holdout)} pairs ({', '.join(' '.join(p) for p in holdout)})" if holdout else ""
+        return f"wrote {n} shapes scenes ({args.size}x{args.size}) to {args.out}{held}"
     from .data.emoji import render_emoji_set
 
     skipped = []
@@ -146,6 +172,8 @@ def export_model(args) -> tuple[Path, int]:
         from .schedulers import scheduler_from_name
 
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    if args.no_clip:
+        pipe.clip = None
     pipe.to(dtype=getattr(torch, STORAGE_DTYPES[args.dtype]))
     for component in ("unet", "vae", "text_encoder", "clip"):
         module = getattr(pipe, component)
@@ -195,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             print(f"wrote {generate(args)}")
         elif args.command == "run-recipe":
-            from .recipes import run_recipe
+            from .recipes import GateMissed, run_recipe
 
-            records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
+            try:
+                records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
+            except GateMissed as error:
+                print(f"latentdiff run-recipe: {error}", file=sys.stderr)
+                return 3
             print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")
         elif args.command == "data":
             print(make_data(args))

@@ -75,6 +75,89 @@ def retrieval(clip: CLIPModel, tokenizer: CLIPTokenizer, dataset, batch_size: in
             **two_way_retrieval(image_emb.cpu(), captions, text_emb.cpu())}
 
 
+def draw_hard_negatives(captions: list[str], count: int, generators: list[torch.Generator],
+                        held_out: set = frozenset()) -> list[list[str]]:
+    """Up to `count` hard negatives per caption (`shapes.hard_negatives`): each draw picks a kind (swap, opposite,
+    replace) uniformly among those the caption has, then one of its captions, so binding swaps are not drowned by
+    the many replacements. Negatives naming a held-out colour-shape pair are left out: no training caption, not even
+    a negative one, names such a pair. Draws come from the per-row generators, so a resumed run draws the same."""
+    from .data.shapes import caption_pairs, hard_negatives
+
+    drawn = []
+    for caption, generator in zip(captions, generators):
+        kinds = [[c for c in texts if not caption_pairs(c) & held_out] for texts in hard_negatives(caption).values()]
+        kinds = [texts for texts in kinds if texts]
+        picks = []
+        for _ in range(count if kinds else 0):
+            texts = kinds[int(torch.randint(len(kinds), (), generator=generator))]
+            picks.append(texts[int(torch.randint(len(texts), (), generator=generator))])
+        drawn.append(picks)
+    return drawn
+
+
+def hard_negative_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, negative_embeds: list[torch.Tensor],
+                       logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean over images of −log softmax of the true caption among [true caption, its own hard negatives]. Each
+    image's term needs only its own texts, so it is the same on one process or many (no gather)."""
+    terms = []
+    for image, text, negatives in zip(image_embeds, text_embeds, negative_embeds):
+        if len(negatives):
+            logits = logit_scale * torch.cat([text[None], negatives]) @ image
+            terms.append(torch.logsumexp(logits, 0) - logits[0])
+    return torch.stack(terms).mean() if terms else image_embeds.sum() * 0
+
+
+@torch.no_grad()
+def hard_negative_accuracy(clip: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, captions: list[str],
+                           device=None, batch_size: int = 64) -> dict:
+    """For each image and each kind of hard negative (swap, opposite, replace): is its caption rated above every
+    negative of that kind? ("all": above every negative of every kind.) Images in [−1, 1], (N, 3, R, R)."""
+    from .data.shapes import hard_negatives
+
+    wins: dict[str, list[bool]] = {"swap": [], "opposite": [], "replace": [], "all": []}
+    for start in range(0, len(captions), batch_size):
+        image_emb = embed_images(clip, images[start: start + batch_size].to(device))
+        for image, caption in zip(image_emb, captions[start: start + batch_size]):
+            negatives = hard_negatives(caption)
+            texts = [caption] + [c for kind in negatives.values() for c in kind]
+            scores = (embed_texts(clip, tokenize(tokenizer, texts, device, full_context=False)) @ image).tolist()
+            offset, beaten = 1, []
+            for kind, kind_texts in negatives.items():
+                if kind_texts:
+                    won = scores[0] > max(scores[offset: offset + len(kind_texts)])
+                    wins[kind].append(won)
+                    beaten.append(won)
+                offset += len(kind_texts)
+            if beaten:
+                wins["all"].append(all(beaten))
+    return {kind: (sum(v) / len(v) if v else None) for kind, v in wins.items()} | {
+        f"{kind}_images": len(v) for kind, v in wins.items()}
+
+
+def unseen_images(data_dir, resolution: int) -> tuple[torch.Tensor, list[str]] | None:
+    """A shapes data set's unseen prompts (scenes with held-out pairs), rendered, as CLIP inputs and first captions."""
+    import json
+
+    import numpy as np
+
+    from .data.shapes import Scene, read_split
+
+    split = read_split(data_dir) if Path(data_dir).is_dir() else None
+    if not split or not (Path(data_dir) / split["unseen_prompts"]).is_file():
+        return None
+    rows = [json.loads(line) for line in (Path(data_dir) / split["unseen_prompts"]).read_text().splitlines() if line]
+    size = _scene_size(data_dir)  # scenes keep their boxes in the data set's pixels
+    arrays = [np.asarray(Scene.from_dict(r["scene"]).render(size).resize((resolution, resolution)),
+                         dtype=np.float32) / 127.5 - 1 for r in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), [r["text"][0] for r in rows]
+
+
+def _scene_size(data_dir) -> int:
+    from PIL import Image
+
+    return Image.open(next(Path(data_dir).glob("*.png"))).size[0]
+
+
 def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> None:
     """MODEL_DIR/tokenizer, /text_encoder and /clip (with tokenizer and image-processor config)."""
     write_component(model_dir / "tokenizer", tokenizer.save_pretrained)
@@ -88,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="small", help="architecture: tiny, small, base or a JSON file")
     parser.add_argument("--model-dir", default=None, help="where the parts go (default: OUTPUT_DIR/model)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder to use instead of training one")
+    parser.add_argument("--hard-negatives", type=int, default=0, metavar="K",
+                        help="hard-negative captions per image (shapes vocabulary: swapped bindings, opposite "
+                             "relations, replaced attributes), scored against the image beside its own caption (0: off)")
+    parser.add_argument("--hard-negative-weight", type=float, default=1.0)
     trainer.add_common_args(parser, lr=5e-4, batch_size=64, max_steps=2000)
     return parser
 
@@ -122,14 +209,30 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 trainer.make_lr_scheduler(optimizer, args))
     loss_fn = contrastive_loss(accelerator)
     raw = accelerator.unwrap_model(clip)
+    from .data.loader import item_generator
+    from .data.shapes import read_split
+
+    split = read_split(args.data) if Path(args.data).is_dir() else None
+    held_out = {tuple(p.split()) for p in split["holdout"]} if split else set()
 
     def step(batch):
         with torch.no_grad():
             raw.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         ids = tokenize(tokenizer, batch["captions"], accelerator.device, full_context=False)
         out = clip(input_ids=ids, pixel_values=batch["pixel_values"])  # image_embeds / text_embeds: unit norm
-        loss = loss_fn(out.image_embeds, out.text_embeds, raw.logit_scale.exp())
-        return loss, {"train/logit_scale": raw.logit_scale.exp().item()}
+        scale = raw.logit_scale.exp()
+        loss, logs = loss_fn(out.image_embeds, out.text_embeds, scale), {"train/logit_scale": scale.item()}
+        if args.hard_negatives > 0:
+            generators = [item_generator(args.seed + 1, train_set.epoch, int(i)) for i in batch["indices"]]
+            drawn = draw_hard_negatives(batch["captions"], args.hard_negatives, generators, held_out)
+            flat = [c for picks in drawn for c in picks]
+            if flat:
+                embeds = embed_texts(clip, tokenize(tokenizer, flat, accelerator.device, full_context=False))
+                per_image = list(embeds.split([len(picks) for picks in drawn]))
+                extra = hard_negative_loss(out.image_embeds.float(), out.text_embeds.float(), per_image, scale)
+                loss = loss + args.hard_negative_weight * extra
+                logs["train/hard_negative_loss"] = extra.item()
+        return loss, logs
 
     progress = trainer.train(accelerator, args, [clip], optimizer, lr_scheduler, loader, step)
     # 3. Held-out retrieval, then the parts.
@@ -142,6 +245,17 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.log({f"eval/{k}": v for k, v in scores.items() if isinstance(v, float)}, step=progress.step)
             accelerator.print("held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
                                                                    if k.endswith(("top1", "top5"))))
+            rows = [(i, p) for rows, pixels in readable_batches(holdout, 64) for i, p in zip(rows, pixels)]
+            captions = [c if isinstance(c, str) else c[0] for c in (holdout.captions[i] for i, _ in rows)]
+            summary["hard_negatives"] = hard_negative_accuracy(raw, tokenizer, torch.stack([p for _, p in rows]),
+                                                               captions, accelerator.device)
+            unseen = unseen_images(args.data, resolution)
+            if unseen is not None:  # scenes with held-out pairs, which no training image or caption holds
+                summary["unseen_hard_negatives"] = hard_negative_accuracy(raw, tokenizer, *unseen, accelerator.device)
+            for key in ("hard_negatives", "unseen_hard_negatives"):
+                if key in summary:
+                    accelerator.print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[key].items()
+                                                             if isinstance(v, float)))
         save_clip(raw, tokenizer, model_dir)
         trainer.write_summary(args.output_dir, summary)
     accelerator.end_training()

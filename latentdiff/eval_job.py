@@ -1,9 +1,14 @@
 """The evaluation job: `latentdiff eval …` or `accelerate launch training/evaluate.py …` (processes split the
 prompts; every image has its own seed, so the report does not depend on the process count).
 
-Writes REPORT_DIR/report.json, report.csv, sweep.png (CLIP score and FD against guidance scale) and
-grid-s{scale}.png (the first 16 images at each scale, each under its prompt, enlarged to ≥ 128 px by
-pixel repetition).
+Writes REPORT_DIR/report.json, report.csv (one row per guidance scale and prompt group), prompts.csv (one row per
+image: its prompt, group, CLIP score, the rank of its prompt among the candidates, its oracle checks), sweep.png
+(CLIP score and FD against guidance scale) and grid-s{scale}.png (the first 16 images at each scale, each under its
+prompt, enlarged to ≥ 128 px by pixel repetition). Every mean carries a 95 % bootstrap interval over images.
+
+A shapes data set with held-out colour-shape pairs (`latentdiff data shapes --holdout…`) is evaluated on its own
+prompts ("seen") and on its unseen prompts (scenes with held-out pairs, which no training image shows), reported
+apart; --max-prompts and --sample-prompts apply to each group.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="texts the judge ranks for each generated image, as PROMPTS takes them "
                              "(default: every distinct prompt, before --max-prompts/--sample-prompts)")
     parser.add_argument("--max-reference", type=int, default=2000, help="reference images used for FD")
+    parser.add_argument("--diversity", type=int, default=0, metavar="N",
+                        help="shapes: for N prompts that leave positions free (counts, relations), generate "
+                             "--diversity-seeds images each and count the distinct layouts the oracle reads (0: off)")
+    parser.add_argument("--diversity-seeds", type=int, default=8)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
     parser.add_argument("--inception-weights", default=None,
                         help="Inception-v3 weights file: also report classic FID (needs torch-fidelity)")
     return parser
@@ -97,9 +107,19 @@ def reference_images(args, dataset) -> tuple[list[Image.Image], list[str] | None
 
 def load_candidates(source: str | None, prompts: list[ev.Prompt], everything: list[ev.Prompt]) -> list[str]:
     """The distinct texts the judge ranks for each generated image: --candidates, or every prompt of --prompts
-    (before --max-prompts/--sample-prompts). Every evaluated prompt must be among them."""
+    (before --max-prompts/--sample-prompts) and, for shapes prompts, the plainest caption of every scene the shapes
+    world can draw. Every evaluated prompt must be among them."""
     if source is None:
-        return list(dict.fromkeys(p.text for p in everything))
+        texts = [p.text for p in everything]
+        if any(p.scene for p in everything):
+            from .data.shapes import all_first_captions
+
+            texts += all_first_captions()
+        candidates = list(dict.fromkeys(texts))
+        if len(candidates) < 100:
+            print(f"warning: the judge ranks each image among only {len(candidates)} candidate texts (the prompts "
+                  "given), so retrieval is easy; pass --candidates with the texts the model could have been asked for")
+        return candidates
     try:
         candidates = list(dict.fromkeys(p.text for p in ev.load_prompts(source)[0]))
     except ValueError as error:
@@ -119,6 +139,12 @@ def subsample(prompts: list, count: int) -> list:
     return [prompts[i] for i in np.linspace(0, len(prompts) - 1, count).round().astype(int)]
 
 
+def cut(prompts: list, max_prompts: int | None, sample_prompts: int | None) -> list:
+    """--max-prompts (the first N), then --sample-prompts (N spread evenly)."""
+    prompts = prompts[:max_prompts] if max_prompts else prompts
+    return subsample(prompts, sample_prompts) if sample_prompts else prompts
+
+
 def judge_reference(judge: ev.Judge, features: torch.Tensor, captions: list[str]) -> dict:
     """How well the judge itself matches real images to their captions: text→image and image→text retrieval."""
     distinct = list(dict.fromkeys(captions))
@@ -127,18 +153,30 @@ def judge_reference(judge: ev.Judge, features: torch.Tensor, captions: list[str]
 
 
 def sweep_plot(rows: list[dict], path: Path) -> None:
+    """CLIP score, FD (when it could be computed) and, for shapes, the oracle mean per group, against guidance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scales = [r["guidance_scale"] for r in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(scales, [r["clip_score"] for r in rows], "o-")
-    left.set(xlabel="guidance scale", ylabel="CLIP score", title="CLIP score (higher is better)")
-    if all(r.get("fd") is not None for r in rows):
-        right.plot(scales, [r["fd"] for r in rows], "o-", color="C1")
-    right.set(xlabel="guidance scale", ylabel="FD", title="FD to reference (lower is better)")
+    panels = (["clip"] if all("clip_score" in r for r in rows) else []) + (["fd"] if all(r.get("fd") is not None for r in rows) else []) + \
+        (["oracle"] if all(r.get("oracle") for r in rows) else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        if panel == "clip":
+            axis.plot(scales, [r["clip_score"] for r in rows], "o-")
+            axis.set(xlabel="guidance scale", ylabel="CLIP score", title="CLIP score (higher is better)")
+        elif panel == "fd":
+            axis.plot(scales, [r["fd"] for r in rows], "o-", color="C1")
+            axis.set(xlabel="guidance scale", ylabel="FD", title="FD to reference (lower is better)")
+        else:
+            for name in dict.fromkeys(g for r in rows for g in r.get("groups", {})) or [None]:
+                values = [(r["groups"][name] if name else r)["oracle"]["mean"] for r in rows]
+                axis.plot(scales, values, "o-", label=name or "all")
+            axis.set(xlabel="guidance scale", ylabel="oracle mean", title="oracle accuracy (higher is better)",
+                     ylim=(0, 1))
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -151,49 +189,128 @@ def check_args(args) -> list[float]:
         if not Path(args.inception_weights).is_file():
             raise ValueError(f"--inception-weights must be an existing weights file, got {args.inception_weights!r}")
         ev.check_inception_available()
+    if args.diversity < 0:
+        raise ValueError(f"--diversity must be ≥ 0, got {args.diversity}")
     for name in ("max_prompts", "sample_prompts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-    for name in ("steps", "images_per_prompt", "batch_size"):
+    for name in ("steps", "images_per_prompt", "batch_size", "diversity_seeds", "bootstrap"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     return scales
 
 
-def score_scale(gathered: list, prompts: list[ev.Prompt], candidates: list[str], candidate_features: torch.Tensor,
-                reference: torch.Tensor | None, real_images: list, args) -> dict:
-    """The report row of one guidance scale from every process's (prompt index, image index, image features,
-    text features, oracle check, image or None) rows, sorted."""
-    image_features = torch.from_numpy(np.stack([r[2] for r in gathered]))
-    text_features = torch.from_numpy(np.stack([r[3] for r in gathered]))
-    row = {"clip_score": ev.clip_score(image_features, text_features), "images": len(gathered)}
-    # the judge ranks every candidate text for each generated image: is the image's own prompt among its top k?
-    retrieved = ev.retrieval_accuracy(image_features, candidate_features, [prompts[r[0]].text for r in gathered],
-                                      candidates)
-    row.update({f"retrieval_{k}": v for k, v in retrieved.items()}, retrieval_candidates=len(candidates))
-    if reference is not None and len(reference) >= 2:
-        row.update(fd=ev.frechet_distance(image_features, reference), fd_generated=len(gathered),
-                   fd_reference=len(reference))
-    if args.inception_weights is not None and real_images:
-        row["inception_fid"] = ev.inception_fid([r[5] for r in gathered], real_images, args.inception_weights)
-    oracle = ev.oracle_accuracy([r[4] for r in gathered if r[4] is not None])
-    if oracle:
-        row["oracle"] = oracle
+def own_ranks(image_features: torch.Tensor, candidate_features: torch.Tensor, own: list[int]) -> np.ndarray:
+    """1 + the number of candidate texts the judge rates above each image's own prompt (candidate index `own`)."""
+    similarity = image_features.float() @ candidate_features.float().T
+    mine = similarity[torch.arange(len(own)), torch.tensor(own)]
+    return (similarity > mine[:, None]).sum(1).numpy() + 1
+
+
+def summarise(scores: np.ndarray | None, ranks: np.ndarray | None, checks: list, args) -> dict:
+    """CLIP score, retrieval top-1/top-5 (None without a judge) and oracle accuracies of a set of images, each with
+    its 95 % bootstrap interval over the images."""
+    count, seed = len(checks), args.seed
+    row = {"images": count}
+    if scores is not None:
+        row["clip_score"] = max(float(scores.mean()), 0.0)
+        row["clip_score_ci"] = ev.bootstrap_interval(lambda i: max(scores[i].mean(), 0.0), count, args.bootstrap, seed)
+        for k in (1, 5):
+            hits = (ranks <= k).astype(np.float64)
+            row[f"retrieval_top{k}"] = float(hits.mean())
+            row[f"retrieval_top{k}_ci"] = ev.bootstrap_interval(lambda i: hits[i].mean(), count, args.bootstrap, seed)
+    known = [c for c in checks if c is not None]
+    if known:
+        table = ev.oracle_table(known)
+        oracle = ev.oracle_from_table(table)
+        intervals = {task: ev.bootstrap_interval(lambda i: ev.oracle_from_table(table[i]).get(task, np.nan), len(known),
+                                                 args.bootstrap, seed) for task in oracle}
+        row["oracle"], row["oracle_ci"] = oracle, intervals
     return row
 
 
-def write_tables(out: Path, report: dict) -> None:
-    """report.json, report.csv (one row per guidance scale) and sweep.png."""
+def score_scale(gathered: list, prompts: list[ev.Prompt], candidates: list[str], candidate_features: torch.Tensor,
+                reference: torch.Tensor | None, real_images: list, args) -> tuple[dict, list[dict]]:
+    """The report row of one guidance scale, and one row per image, from every process's (prompt index, image
+    index, image features, text features, oracle check, image or None) rows, sorted."""
+    judged = gathered[0][2] is not None  # without a judge: the oracle only
+    image_features = torch.from_numpy(np.stack([r[2] for r in gathered])) if judged else None
+    scores = ranks = None
+    if judged:
+        text_features = torch.from_numpy(np.stack([r[3] for r in gathered]))
+        scores = (100 * (image_features * text_features).sum(-1)).numpy().astype(np.float64)
+        index = {text: i for i, text in enumerate(candidates)}
+        ranks = own_ranks(image_features, candidate_features, [index[prompts[r[0]].text] for r in gathered])
+    checks = [r[4] for r in gathered]
+    row = summarise(scores, ranks, checks, args)
+    if judged:
+        row["retrieval_candidates"] = len(candidates)
+    groups = [prompts[r[0]].group for r in gathered]
+    if any(groups):
+        row["groups"] = {}
+        for name in dict.fromkeys(groups):
+            mask = np.array([g == name for g in groups])
+            row["groups"][name] = summarise(scores[mask] if judged else None, ranks[mask] if judged else None,
+                                            [c for c, m in zip(checks, mask) if m], args)
+    # FD compares with the reference images, which show seen prompts only: unseen images stay out of it
+    compared = np.array([g != "unseen" for g in groups])
+    if reference is not None and len(reference) >= 2 and compared.sum() >= 2:
+        row.update(fd=ev.frechet_distance(image_features[torch.from_numpy(compared)], reference),
+                   fd_generated=int(compared.sum()), fd_reference=len(reference))
+    if args.inception_weights is not None and real_images:
+        row["inception_fid"] = ev.inception_fid([r[5] for r, c in zip(gathered, compared) if c], real_images,
+                                                args.inception_weights)
+    per_image = [{"prompt_index": r[0], "image_index": r[1], "prompt": prompts[r[0]].text,
+                  "group": prompts[r[0]].group or "",
+                  **({"clip_score": round(float(scores[n]), 4), "rank": int(ranks[n])} if judged else {}),
+                  **({f"oracle_{k}": int(v) for k, v in r[4].items()} if r[4] else {})}
+                 for n, r in enumerate(gathered)]
+    return row, per_image
+
+
+def diversity(pipe, prompts: list[ev.Prompt], scale: float, args) -> dict | None:
+    """For up to --diversity prompts that leave positions free (counts and relations), --diversity-seeds images
+    each: how many distinct layouts (`evaluation.layout`) the seeds give, on average, and how many prompts give one."""
+    free = [i for i, p in enumerate(prompts) if p.scene and p.scene["task"] in ("count", "relation")]
+    chosen = subsample(free, args.diversity)
+    if not chosen:
+        return None
+    per_prompt = []
+    for i in chosen:
+        generators = [torch.Generator().manual_seed(ev.image_seed(args.seed + 1, i, k))
+                      for k in range(args.diversity_seeds)]
+        images = pipe(prompts[i].text, guidance_scale=scale, num_inference_steps=args.steps,
+                      num_images_per_prompt=args.diversity_seeds, generator=generators).images
+        per_prompt.append(len({ev.layout(im) for im in images}))
+    return {"prompts": len(chosen), "seeds": args.diversity_seeds,
+            "mean_distinct_layouts": sum(per_prompt) / len(per_prompt),
+            "all_alike": sum(n == 1 for n in per_prompt) / len(per_prompt), "distinct_layouts": per_prompt}
+
+
+def write_tables(out: Path, report: dict, per_image: list[dict] | None = None) -> None:
+    """report.json, report.csv (one row per guidance scale, and per group), prompts.csv and sweep.png."""
     rows = report["scales"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "report.csv", "w", newline="") as f:
-        columns = ["guidance_scale", "clip_score", "retrieval_top1", "retrieval_top5", "retrieval_candidates", "fd",
-                   "fd_generated", "fd_reference", "inception_fid", "images", "seconds"]
-        columns += [f"oracle_{t}" for t in (*ev.ORACLE_TASKS, "mean")]
+        columns = ["guidance_scale", "group", "clip_score", "clip_score_ci", "retrieval_top1", "retrieval_top1_ci",
+                   "retrieval_top5", "retrieval_top5_ci", "retrieval_candidates", "fd", "fd_generated", "fd_reference",
+                   "inception_fid", "images", "seconds"]
+        columns += [f"oracle_{t}{ci}" for t in (*ev.ORACLE_TASKS, "mean") for ci in ("", "_ci")]
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, **{f"oracle_{k}": v for k, v in row.get("oracle", {}).items()}})
+            for group, values in [("all", row), *row.get("groups", {}).items()]:
+                flat = {**values, **{f"oracle_{k}": v for k, v in values.get("oracle", {}).items()},
+                        **{f"oracle_{k}_ci": v for k, v in values.get("oracle_ci", {}).items()}}
+                flat = {k: (" ".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v) for k, v in flat.items()}
+                writer.writerow({**flat, "guidance_scale": row["guidance_scale"], "group": group})
+    if per_image:
+        columns = ["guidance_scale", "prompt_index", "image_index", "group", "prompt", "clip_score", "rank",
+                   *[f"oracle_{t}" for t in ev.ORACLE_TASKS]]
+        with open(out / "prompts.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(per_image)
     sweep_plot(rows, out / "sweep.png")
 
 
@@ -211,47 +328,67 @@ def main(argv: list[str] | None = None) -> dict | None:
     prompts, dataset = ev.load_prompts(args.prompts)
     if not prompts:
         raise ValueError(f"--prompts {args.prompts} holds no prompts")
-    everything = prompts
-    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
-    prompts = subsample(prompts, args.sample_prompts) if args.sample_prompts else prompts
+    unseen = ev.unseen_prompts(args.prompts)
+    if unseen:  # a data set with held-out pairs: its own prompts are the seen ones
+        prompts = [ev.Prompt(p.text, p.scene, "seen") for p in prompts]
+    everything = prompts + unseen
+    prompts = [p for group in (prompts, unseen) if group
+               for p in cut(group, args.max_prompts, args.sample_prompts)]
     candidates = load_candidates(args.candidates, prompts, everything)
     model_dir = resolve_model_dir(args.model)
-    judge_spec = args.judge or model_dir / "clip"
+    judge_spec = args.judge or (model_dir / "clip" if (model_dir / "clip" / "config.json").is_file() else None)
+    if judge_spec is None:
+        if not any(p.scene for p in prompts):
+            raise ValueError(f"--judge: the model folder {model_dir} has no clip/ to judge with; pass --judge with a "
+                             "CLIP folder or open_clip:ARCH:CHECKPOINT")
+        print(f"no judge ({model_dir} has no clip/ and no --judge was given): CLIP score, retrieval and FD are "
+              "skipped; the oracle scores the images")
     pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device, dtype=DTYPES[args.dtype])
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    judge = ev.Judge(judge_spec, state.device)
-    real_images, real_captions = reference_images(args, dataset) if state.is_main_process else ([], None)
+    judge = ev.Judge(judge_spec, state.device) if judge_spec is not None else None
+    real_images, real_captions = reference_images(args, dataset) if state.is_main_process and judge else ([], None)
     reference = judge.image_features(real_images) if real_images else None
-    candidate_features = judge.text_features(candidates) if state.is_main_process else None
+    candidate_features = judge.text_features(candidates) if state.is_main_process and judge else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from tqdm.auto import tqdm
 
-    rows = []
+    if reference is None and state.is_main_process:
+        fd_note = "no judge" if judge is None else ("no reference images: " + (
+            f"{args.prompts} is a prompt file, not a data set; pass --reference with a folder of real images"
+            if dataset is None and not args.reference else "the reference set is empty"))
+        print(f"FD not computed: {fd_note}")
+    rows, per_image = [], []
     for scale in tqdm(scales, desc="guidance scales", disable=not state.is_main_process):
         started = time.time()
         with state.split_between_processes(list(range(len(prompts)))) as mine:
             local = generate(pipe, prompts, mine, scale, args, show=state.is_main_process)  # [] with no prompts
             # numpy rows: a row of a torch tensor pickles its whole storage, which the gather would ship N times
-            features = judge.image_features([im for _, _, im in local]).numpy() if local else []
-            texts = judge.text_features([prompts[i].text for i, _, _ in local]).numpy() if local else []
+            features = judge.image_features([im for _, _, im in local]).numpy() if local and judge else [None] * len(local)
+            texts = (judge.text_features([prompts[i].text for i, _, _ in local]).numpy() if local and judge
+                     else [None] * len(local))
             checks = [ev.oracle_scores(prompts[i].scene, im) if prompts[i].scene else None for i, _, im in local]
             shown = [(i, k, im) for i, k, im in local if i * args.images_per_prompt + k < 16]
         keep_images = args.inception_weights is not None
-        gathered = gather_object([(i, k, f.copy(), t.copy(), c, im if keep_images else None)
+        gathered = gather_object([(i, k, f if f is None else f.copy(), t if t is None else t.copy(), c,
+                                   im if keep_images else None)
                                   for (i, k, im), f, t, c in zip(local, features, texts, checks)])
         gathered_grid = gather_object(shown)
         if not state.is_main_process:
             continue
         gathered.sort(key=lambda r: (r[0], r[1]))  # the same order whatever the process count
         tiles = sorted(gathered_grid, key=lambda r: (r[0], r[1]))
-        row = {"guidance_scale": scale, **score_scale(gathered, prompts, candidates, candidate_features, reference,
-                                                      real_images, args),
-               "image_size": tiles[0][2].size[0] if tiles else None, "seconds": round(time.time() - started, 2)}
+        scored, images_rows = score_scale(gathered, prompts, candidates, candidate_features, reference, real_images,
+                                          args)
+        row = {"guidance_scale": scale, **scored, "image_size": tiles[0][2].size[0] if tiles else None}
+        if args.diversity:
+            row["diversity"] = diversity(pipe, prompts, scale, args)
+        row["seconds"] = round(time.time() - started, 2)
         rows.append(row)
+        per_image += [{"guidance_scale": scale, **r} for r in images_rows]
         image_grid([im for _, _, im in tiles], cols=min(args.images_per_prompt, 16) if args.images_per_prompt > 1
                    else None, labels=[prompts[i].text for i, _, _ in tiles],
                    zoom=-(-128 // tiles[0][2].size[0])).save(out / f"grid-s{scale:g}.png")
@@ -260,12 +397,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     small = [r["image_size"] for r in rows if r.get("oracle") and r["image_size"] and r["image_size"] < 64]
     if small:
         print(f"warning: oracle accuracy on {small[0]} px images is unreliable (it needs ≥ 64 px; see README)")
-    report = {"out": str(out), "model": str(model_dir), "judge": str(judge_spec), "prompts": len(prompts),
+    report = {"out": str(out), "model": str(model_dir), "judge": judge_spec and str(judge_spec), "prompts": len(prompts),
               "steps": args.steps, "scheduler": type(pipe.scheduler).__name__, "dtype": args.dtype, "seed": args.seed,
               "images_per_prompt": args.images_per_prompt, "processes": state.num_processes, "scales": rows}
+    if reference is None:
+        report["fd_note"] = fd_note
+    if unseen:
+        report["groups"] = {"seen": sum(p.group == "seen" for p in prompts),
+                            "unseen": sum(p.group == "unseen" for p in prompts)}
     if reference is not None and real_captions is not None:
         report["judge_on_reference"] = judge_reference(judge, reference, real_captions)
-    write_tables(out, report)
+    write_tables(out, report, per_image)
     return _finish(state, report)
 
 

@@ -10,10 +10,11 @@ Definitions (DESIGN.md, "Evaluation definitions"):
 - Retrieval: for each generated image, the judge ranks every candidate text (by default every distinct prompt of
   the set); top-k accuracy is the fraction of images whose own prompt is among the k best. The judge's own quality
   is the same measure on real captioned images (text→image: each distinct caption ranks every image).
-- Oracle accuracy on shapes prompts (GenEval rules): object (the shape is there), colour (in its colour), count
-  (exactly n of that shape in that colour — GenEval counts the class alone; our count prompts name the colour),
-  position (some detected pair of the two objects in the stated relation) and colour binding (both objects, each
-  in its own colour), and their mean. The oracle needs ≥ 64 px images to be reliable (see README).
+- Oracle accuracy on shapes prompts (GenEval rules): object (the shape is there), colour (in its colour), position
+  (in its colour at the named place: left, right, top, bottom, center), count (exactly n of that shape in that
+  colour — GenEval counts the class alone; our count prompts name the colour), colour binding (both objects of a
+  two-object prompt, each in its own colour) and relation (such a pair in the stated relation: GenEval's
+  "position"), and their mean. The oracle needs ≥ 64 px images to be reliable (see README).
 Each image's seed depends on its prompt's index and its own, so the numbers do not depend on how many
 processes split the prompts.
 """
@@ -32,7 +33,7 @@ from PIL import Image
 from .data.oracle import read_scene, relation_between
 from .data.shapes import Scene
 
-ORACLE_TASKS = ("object", "colour", "count", "position", "colour_binding")
+ORACLE_TASKS = ("object", "colour", "position", "count", "colour_binding", "relation")
 
 
 # 1. Prompts ---------------------------------------------------------------------------------------------------------
@@ -41,6 +42,7 @@ ORACLE_TASKS = ("object", "colour", "count", "position", "colour_binding")
 class Prompt:
     text: str
     scene: dict | None = None
+    group: str | None = None  # "seen" / "unseen" for a shapes data set with held-out pairs
 
 
 def load_prompts(source: str | Path, text_column: str = "text") -> tuple[list[Prompt], object | None]:
@@ -63,6 +65,18 @@ def load_prompts(source: str | Path, text_column: str = "text") -> tuple[list[Pr
         scenes = dataset["scene"] if "scene" in dataset.column_names else [None] * len(dataset)
         return [Prompt(first_caption(t), s) for t, s in zip(dataset[text_column], scenes)], dataset
     raise ValueError(f"prompts must be a .txt, .jsonl or .csv file or a data set folder, got {str(source)!r}")
+
+
+def unseen_prompts(source: str | Path) -> list[Prompt]:
+    """A shapes data set's prompts with held-out colour-shape pairs (its split record's unseen.jsonl), or []."""
+    from .data.shapes import read_split
+
+    path = Path(source)
+    split = read_split(path) if path.is_dir() else None
+    if not split:
+        return []
+    rows = [json.loads(line) for line in (path / split["unseen_prompts"]).read_text().splitlines() if line.strip()]
+    return [Prompt(first_caption(r["text"]), r["scene"], "unseen") for r in rows]
 
 
 def first_caption(caption) -> str:
@@ -214,15 +228,16 @@ def oracle_scores(scene: dict, image: Image.Image) -> dict[str, bool]:
         return [r for r in read.objects if r.shape == o.shape and r.colour == o.colour]
     if truth.task == "single":
         o = truth.objects[0]
-        return {"object": any(r.shape == o.shape for r in read.objects), "colour": bool(found(o))}
+        return {"object": any(r.shape == o.shape for r in read.objects), "colour": bool(found(o)),
+                "position": any(r.position == o.position for r in found(o))}
     if truth.task == "count":
         o = truth.objects[0]
         return {"count": read.count(o.shape, o.colour) == len(truth.objects)}
     a, b = truth.objects
     # GenEval: any detected pair of the two named objects in the stated relation counts. Our relation prompts name
-    # colours too, so the objects are matched by shape and colour (and position can never beat colour binding).
+    # colours too, so the objects are matched by shape and colour (and relation can never beat colour binding).
     pairs = [(ra, rb) for ra in found(a) for rb in found(b)]
-    return {"colour_binding": bool(pairs), "position": any(relation_between(ra, rb) == truth.relation for ra, rb in pairs)}
+    return {"colour_binding": bool(pairs), "relation": any(relation_between(ra, rb) == truth.relation for ra, rb in pairs)}
 
 
 def oracle_accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
@@ -237,6 +252,62 @@ def oracle_accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
     return result
 
 
+def bootstrap_interval(statistic, samples: int, resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of `statistic(indices)` over `samples` items drawn with replacement (Efron &
+    Tibshirani 1993, §13.3); None with fewer than 2 items."""
+    if samples < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, samples, samples)) for _ in range(resamples)], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]
+
+
+def oracle_table(checks: list[dict[str, bool]]) -> np.ndarray:
+    """(images, tasks) array of 1/0 per check, NaN where a task does not apply (ORACLE_TASKS order)."""
+    return np.array([[float(c[t]) if t in c else np.nan for t in ORACLE_TASKS] for c in checks], dtype=np.float64)
+
+
+def oracle_from_table(table: np.ndarray) -> dict[str, float]:
+    """`oracle_accuracy` of the checks in an `oracle_table` (per task over the images it applies to; "mean" over
+    the tasks present)."""
+    result = {}
+    for k, task in enumerate(ORACLE_TASKS):
+        column = table[:, k][~np.isnan(table[:, k])]
+        if len(column):
+            result[task] = float(column.mean())
+    if result:
+        result["mean"] = sum(result.values()) / len(result)
+    return result
+
+
+def layout(image: Image.Image) -> tuple:
+    """The layout of a shapes image as the oracle reads it: every object's shape, colour, size and the cell of a
+    4 × 4 grid its centre is in; two images with the same layout show the same scene up to a few pixels."""
+    read, size = read_scene(image), image.size[0]
+    return tuple(sorted((o.shape, o.colour, o.size, min(3, int(4 * (o.box[0] + o.box[2]) / 2 / size)),
+                         min(3, int(4 * (o.box[1] + o.box[3]) / 2 / size))) for o in read.objects))
+
+
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """A seed for one image, independent across (seed, prompt, image): runs with other --seed share no image."""
     return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def round_trip_oracle(vae, images: list[Image.Image], scenes: list[dict], device="cpu", batch_size: int = 50) -> dict:
+    """Oracle accuracy of real shapes scenes and of the same scenes through the VAE and back (the posterior's mode,
+    decoded): the ceiling that VAE sets for any U-Net trained on its latents."""
+    real, round_trip = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = [im.convert("RGB") for im in images[start: start + batch_size]]
+        pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in chunk]))
+        pixels = pixels.permute(0, 3, 1, 2).to(device, dtype=vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.float().clamp(-1, 1)
+        arrays = ((decoded.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        for image, array, scene in zip(chunk, arrays, scenes[start: start + batch_size]):
+            real.append(oracle_scores(scene, image))
+            round_trip.append(oracle_scores(scene, Image.fromarray(array)))
+    return {"scenes": len(images), "real": oracle_accuracy(real), "round_trip": oracle_accuracy(round_trip)}

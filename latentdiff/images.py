@@ -21,7 +21,7 @@ def image_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2,
                labels: list[str] | None = None, zoom: int = 1) -> Image.Image:
     """Tile equally sized images row by row (`cols` defaults to the smallest square that holds them all).
 
-    `labels` writes a caption under each image (shortened to fit); `zoom` enlarges every image by an integer factor
+    `labels` writes a caption under each image (wrapped between words, up to four lines); `zoom` enlarges every image by an integer factor
     with nearest-neighbour sampling, so the pixels shown are the pixels generated.
     """
     if not images:
@@ -34,15 +34,34 @@ def image_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2,
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size[0] * zoom, images[0].size[1] * zoom
     font = label_font() if labels else None
-    strip = 14 if labels else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [wrap_label(text, w, measure, font) for text in labels] if labels else []
+    strip = 14 * max(len(t) for t in lines) if labels else 0
     grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * (h + strip) + (rows - 1) * pad), fill)
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
         x, y = (i % cols) * (w + pad), (i // cols) * (h + strip + pad)
         grid.paste(image.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
-        if labels:
-            text = labels[i]
-            while len(text) > 1 and draw.textlength(text, font=font) > w:
-                text = text.removesuffix("…")[:-1] + "…"
-            draw.text((x + (w - draw.textlength(text, font=font)) / 2, y + h + 1), text, fill=(0, 0, 0), font=font)
+        for k, line in enumerate(lines[i] if labels else ()):
+            draw.text((x + (w - draw.textlength(line, font=font)) / 2, y + h + 1 + 14 * k), line, fill=(0, 0, 0),
+                      font=font)
     return grid
+
+
+def wrap_label(text: str, width: float, draw: ImageDraw.ImageDraw, font, max_lines: int = 4) -> list[str]:
+    """The label in lines of at most `width` pixels, broken between words (a word too long for a line is shortened
+    with "…", and so is a last line when more than `max_lines` would be needed)."""
+    def fit(line: str) -> str:
+        while len(line) > 1 and draw.textlength(line, font=font) > width:
+            line = line.removesuffix("…")[:-1] + "…"
+        return line
+
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [" ".join(lines[max_lines - 1:])]
+    return [fit(line) for line in lines]

@@ -28,6 +28,10 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from .schedulers import scheduler_class
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+SHIPPED_MODELS = {  # names that load a model shipped inside the package; "emoji" is the default
+    "emoji": SHIPPED_MODEL_DIR,
+    "shapes": Path(__file__).parent / "assets" / "shapes-model",
+}
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 COMPONENT_FOLDERS = COMPONENTS + ("clip",)
@@ -53,12 +57,19 @@ NO_MODEL_HINT = (
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:
-    """The local folder for `path`: the shipped model when None, a local folder, or (online) a hub repository."""
+    """The local folder for `path`: the shipped emoji model when None, a shipped model by name ("emoji",
+    "shapes"; a local model folder of that name wins), a local folder, or (online) a hub repository."""
     if path is None:
         if not (SHIPPED_MODEL_DIR / "model_index.json").is_file():
             raise ModelFolderError(NO_MODEL_HINT)
         return SHIPPED_MODEL_DIR
     local = Path(path).expanduser()
+    if str(path) in SHIPPED_MODELS and not (local / "model_index.json").is_file():
+        shipped = SHIPPED_MODELS[str(path)] if path != "emoji" else SHIPPED_MODEL_DIR  # tests may move the default
+        if not (shipped / "model_index.json").is_file():
+            raise ModelFolderError(f"the shipped model {str(path)!r} is not in this installation ({shipped} is "
+                                   "missing); " + NO_MODEL_HINT)
+        return shipped
     if local.exists():
         if not local.is_dir():
             raise ModelFolderError(f"model must be a folder (a diffusers pipeline folder), got the file {str(path)!r}")

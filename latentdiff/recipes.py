@@ -9,6 +9,15 @@ and the stage records), runs/STAGE/ (checkpoints, logs, samples), stages/STAGE.j
 its summary, the wall time and hardware of the command that finished it, and, for a training stage, every sitting
 it took in the summary's `sittings`, with `train_seconds` their total).
 Running the same command again skips finished stages and resumes an unfinished one from its latest checkpoint.
+
+The optional eval stage runs `latentdiff eval` on the finished model (prompts: the recipe's data set; report in
+OUT/eval). A stage may name gates, values of its summary (for eval: of its report) that must reach a bound:
+
+    gates = [{ metric = "round_trip_oracle.round_trip.mean", min = 0.97 }]
+
+A dotted path walks dicts by key and lists by index ("scales.1.oracle.mean"). Every gate's value is written into the
+stage record. A stage that misses a gate is recorded in stages/STAGE.failed.json, not marked done, and the recipe
+stops there: raise its --max-steps and run the recipe again to train on from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from pathlib import Path
 
 from .trainer import hardware
 
-STAGES = ("data", "clip", "vae", "unet", "decoder")
+STAGES = ("data", "clip", "vae", "unet", "decoder", "eval")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -34,7 +43,46 @@ def load_recipe(path: str | Path) -> dict:
         raise ValueError(f"recipe {path}: unknown sections {sorted(unknown)}; sections are {list(STAGES)}")
     if recipe.get("data", {}).get("kind") not in ("shapes", "emoji", "folder"):
         raise ValueError(f"recipe {path}: [data] kind must be 'shapes', 'emoji' or 'folder'")
+    _validate_gates(path, recipe)
     return recipe
+
+
+class GateMissed(RuntimeError):
+    """A stage finished without reaching one of its recipe gates."""
+
+
+def metric_value(record: dict, path: str):
+    """The value at a dotted path ("scales.1.oracle.mean") of a summary or report, or None where it has none."""
+    value = record
+    for part in path.split("."):
+        if isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return None
+    return value
+
+
+def check_gates(stage: str, gates: list, summary: dict) -> list[dict]:
+    """Each gate with the value the stage reached and whether it passed (a missing value fails)."""
+    results = []
+    for gate in gates:
+        value = metric_value(summary, gate["metric"])
+        passed = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            ("min" not in gate or value >= gate["min"]) and ("max" not in gate or value <= gate["max"])
+        results.append({**gate, "value": value, "passed": passed})
+    return results
+
+
+def _validate_gates(path: Path, recipe: dict) -> None:
+    for stage in STAGES:
+        gates = recipe.get(stage, {}).get("gates", [])
+        if not isinstance(gates, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("metric"), str) and ("min" in g or "max" in g)
+                and set(g) <= {"metric", "min", "max"} for g in gates):
+            raise ValueError(f"recipe {path}: [{stage}] gates must be a list of {{metric = 'a.b', min = x and/or "
+                             f"max = y}} tables, got {gates!r}")
 
 
 def _data_stage(recipe: dict, out: Path) -> dict:
@@ -50,7 +98,7 @@ def _data_stage(recipe: dict, out: Path) -> dict:
 
 def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = None) -> dict:
     """Run (or finish) every stage of a recipe; returns {stage: record}."""
-    from . import clip_training, unet_training, vae_training
+    from . import clip_training, eval_job, unet_training, vae_training
 
     recipe, out = load_recipe(path), Path(out)
     done_dir = out / "stages"
@@ -79,11 +127,27 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
             summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
         elif stage == "decoder":
             summary = vae_training.main([*common, "--model-dir", str(out / "model"), "--finetune-decoder", *args])
+        elif stage == "eval":
+            summary = eval_job.main(["--model", str(out / "model"), "--prompts", data, "--out", str(out / "eval"),
+                                     *args])
         else:
             summary = unet_training.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"),
                                           *args])
         record = {"stage": stage, "summary": summary, "wall_seconds": round(time.time() - started, 1),
                   "hardware": hardware(), "args": args}
+        gates = check_gates(stage, recipe.get(stage, {}).get("gates", []), summary or {})
+        if gates:
+            record["gates"] = gates
+        missed = [g for g in gates if not g["passed"]]
+        if missed:
+            failed = done_dir / f"{stage}.failed.json"
+            failed.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            raise GateMissed(f"[{stage}] missed its gate: " + "; ".join(
+                f"{g['metric']} = {g['value']} (needs {'≥ ' + str(g['min']) if 'min' in g else ''}"
+                f"{' and ' if 'min' in g and 'max' in g else ''}{'≤ ' + str(g['max']) if 'max' in g else ''})"
+                for g in missed) + f"; the recipe stops here (record: {failed}). Raise the stage's --max-steps and "
+                "run the recipe again to train on from its last checkpoint.")
+        (done_dir / f"{stage}.failed.json").unlink(missing_ok=True)
         marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
         records[stage] = record
     write_provenance(recipe, out)  # also when every stage was done already, or another process finished one

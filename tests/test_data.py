@@ -352,3 +352,74 @@ def test_data_commands(tmp_path, capsys):
         assert re.search(r"wrote \d{4} emoji images \(16x16\) .*; skipped \d+ emoji sequences", out), out
     assert main(["data", "emoji", "--out", str(tmp_path / "e"), "--font", str(tmp_path / "missing.ttf")]) == 2
     assert "font must be an existing font file" in capsys.readouterr().err
+
+
+# Held-out colour × shape pairs and hard negatives ------------------------------------------------------------------
+
+def test_a_held_out_pair_is_in_no_training_scene_or_caption_and_every_unseen_prompt_has_one(tmp_path):
+    from latentdiff.cli import main
+    from latentdiff.data.loader import open_dataset
+    from latentdiff.data.shapes import caption_pairs, read_split
+
+    out = tmp_path / "held"
+    assert main(["data", "shapes", "--n", "300", "--size", "32", "--holdout", "red circle, blue star",
+                 "--unseen-prompts", "40", "--out", str(out)]) == 0
+    split = read_split(out)
+    assert split["holdout"] == ["red circle", "blue star"] and split["unseen_prompts"] == "unseen.jsonl"
+    held = {("red", "circle"), ("blue", "star")}
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 300 and len(open_dataset(out)) == 300  # the split files are not rows
+    for row in rows:
+        assert not {(o["colour"], o["shape"]) for o in row["scene"]["objects"]} & held
+        assert not any(caption_pairs(c) & held for c in row["text"]), row["text"]
+    unseen = [json.loads(line) for line in (out / "unseen.jsonl").read_text().splitlines()]
+    assert len(unseen) == 40 and {r["scene"]["task"] for r in unseen} == {"single", "count", "relation"}
+    for row in unseen:
+        assert {(o["colour"], o["shape"]) for o in row["scene"]["objects"]} & held
+        assert caption_pairs(row["text"][0]) & held
+    # everything else is seen: every colour and every shape appears with other partners
+    seen = {(o["colour"], o["shape"]) for r in rows for o in r["scene"]["objects"]}
+    assert {c for c, _ in seen} == set(COLOURS) and {s for _, s in seen} == set(SHAPES)
+
+
+def test_a_held_out_fraction_is_a_seeded_set_of_new_combinations_of_seen_words(capsys):
+    from latentdiff.cli import main
+    from latentdiff.data.shapes import sample_holdout
+
+    pairs = sample_holdout(0.125, seed=0)
+    assert len(pairs) == 6 and pairs == sample_holdout(0.125, seed=0) != sample_holdout(0.125, seed=1)
+    assert len({c for c, _ in pairs}) == 6 and len({s for _, s in pairs}) == 6  # no colour or shape held out twice
+    big = sample_holdout(0.5, seed=3)
+    assert len(set(big)) == 24 and all(sum(s == shape for _, s in big) == 4 for shape in SHAPES)
+    with pytest.raises(ValueError, match=r"--holdout-fraction must be in \(0, 0.5\]"):
+        sample_holdout(0.9)
+    assert main(["data", "shapes", "--n", "5", "--holdout", "red circel", "--out", "unused"]) == 2
+    assert "--holdout must be comma-separated 'colour shape' pairs" in capsys.readouterr().err
+
+
+def test_hard_negatives_change_binding_order_or_one_attribute_and_keep_their_grammar():
+    from latentdiff.data.shapes import hard_negatives
+
+    negatives = hard_negatives("a red circle above a blue square")
+    # the issue's own examples: the colours bound the other way, and the relation turned round
+    assert "a blue circle above a red square" in negatives["swap"]
+    assert negatives["opposite"] == ["a red circle below a blue square"]
+    assert "an orange circle above a blue square" in negatives["replace"]  # not "a orange"
+    assert all(n != "a red circle above a blue square" for kind in negatives.values() for n in kind)
+    single = hard_negatives("a small red circle on the left")
+    assert single["swap"] == [] and single["opposite"] == ["a small red circle on the right"]
+    assert "a large red circle on the left" in single["replace"] and "a small red star on the left" in single["replace"]
+    assert "two red circles" in hard_negatives("three red circles")["replace"]
+
+
+def test_drawn_hard_negatives_never_name_a_held_out_pair():
+    from latentdiff.clip_training import draw_hard_negatives
+    from latentdiff.data.shapes import caption_pairs
+
+    held = {("green", "circle")}
+    generators = [torch.Generator().manual_seed(i) for i in range(200)]
+    drawn = draw_hard_negatives(["a red circle above a blue square"] * 200, 3, generators, held)
+    flat = [c for picks in drawn for c in picks]
+    assert len(flat) == 600 and not any(caption_pairs(c) & held for c in flat)
+    # kinds are drawn evenly: the single binding swap of colours is not drowned by two dozen replacements
+    assert flat.count("a blue circle above a red square") > 600 / 3 / 2 * 0.6

@@ -15,7 +15,7 @@ from PIL import Image
 from latentdiff import evaluation as ev
 from latentdiff import new_pipeline
 from latentdiff.data.imagefolder import write_imagefolder
-from latentdiff.data.shapes import sample_scene, shapes_rows
+from latentdiff.data.shapes import all_first_captions, sample_scene, shapes_rows
 from latentdiff.eval_job import main as eval_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,15 +142,21 @@ def _run(model, prompts, out, *extra, max_prompts=8):
 
 def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, tmp_path):
     report = eval_main(_run(model, prompts, tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-s1.png", "grid-s7.5.png", "report.csv", "report.json",
-                                                          "sweep.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-s1.png", "grid-s7.5.png", "prompts.csv", "report.csv",
+                                                          "report.json", "sweep.png"]
     assert [r["guidance_scale"] for r in report["scales"]] == [1.0, 7.5]
     for row in report["scales"]:
         assert row["images"] == 16 and row["fd_generated"] == 16 and row["fd_reference"] == 24
         assert set(row["oracle"]) >= {"mean"} and row["seconds"] > 0 and row["image_size"] == 32
-        # the candidates are every distinct prompt of the data set, not only the 8 evaluated
-        assert row["retrieval_candidates"] == len(set(ev.load_prompts(prompts)[0][i].text for i in range(24)))
+        # the candidates are every distinct prompt of the data set, not only the 8 evaluated, and every caption
+        # the shapes world has
+        everything = {p.text for p in ev.load_prompts(prompts)[0]} | set(all_first_captions())
+        assert row["retrieval_candidates"] == len(everything) > 8000
         assert 0 <= row["retrieval_top1"] <= row["retrieval_top5"] <= 1
+        for key in ("clip_score", "retrieval_top1", "retrieval_top5"):  # 95 % intervals hold their means
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] <= high
+        assert set(row["oracle_ci"]) == set(row["oracle"])
     judged = report["judge_on_reference"]
     assert judged["images"] == 24 and 0 <= judged["text_to_image_top1"] <= judged["text_to_image_top5"] <= 1
     import csv
@@ -159,8 +165,14 @@ def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, t
     assert [float(r["guidance_scale"]) for r in rows] == [1.0, 7.5] and rows[0]["fd"] and rows[0]["oracle_mean"]
     assert rows[0]["retrieval_top5"]
     assert Image.open(tmp_path / "sweep.png").size[0] > 300
-    # 16 images, 2 per prompt side by side, 32 px shown 4x as 128 px tiles, each over a 14 px label strip
-    assert Image.open(tmp_path / "grid-s7.5.png").size == (2 * 128 + 2, 8 * (128 + 14) + 7 * 2)
+    # 16 images, 2 per prompt side by side, 32 px shown 4x as 128 px tiles, each over a label strip of 14 px a line
+    width, height = Image.open(tmp_path / "grid-s7.5.png").size
+    assert width == 2 * 128 + 2 and (height - 7 * 2) % 8 == 0 and (height - 7 * 2) // 8 - 128 in (14, 28, 42, 56)
+    per_image = list(csv.DictReader((tmp_path / "prompts.csv").open()))
+    assert len(per_image) == 32 and {"prompt", "clip_score", "rank", "oracle_count"} <= set(per_image[0])
+    assert all(int(r["rank"]) >= 1 for r in per_image)
+    top1 = sum(int(r["rank"]) == 1 for r in per_image if r["guidance_scale"] == "7.5") / 16
+    assert top1 == pytest.approx(report["scales"][1]["retrieval_top1"])
     assert json.loads((tmp_path / "report.json").read_text())["judge"].endswith("clip")
 
 
@@ -275,3 +287,64 @@ def test_inception_fid_needs_a_weights_file(model, prompts, tmp_path, capsys):
 
     assert main(["eval", *_run(model, prompts, tmp_path), "--inception-weights", str(tmp_path / "missing.pth")]) == 2
     assert "--inception-weights must be an existing weights file" in capsys.readouterr().err
+
+
+def test_seen_and_unseen_prompts_are_reported_apart_with_intervals_and_diversity(model, tmp_path):
+    import csv
+
+    from latentdiff.cli import main
+
+    data = tmp_path / "held"
+    assert main(["data", "shapes", "--n", "30", "--size", "32", "--holdout", "red circle", "--unseen-prompts", "6",
+                 "--out", str(data)]) == 0
+    report = eval_main(["--model", str(model), "--prompts", str(data), "--out", str(tmp_path / "r"),
+                        "--guidance-scales", "2", "--steps", "2", "--images-per-prompt", "2", "--max-prompts", "4",
+                        "--batch-size", "8", "--diversity", "2", "--diversity-seeds", "3", "--bootstrap", "200"])
+    assert report["groups"] == {"seen": 4, "unseen": 4}
+    row, = report["scales"]
+    assert set(row["groups"]) == {"seen", "unseen"} and row["images"] == 16
+    assert row["groups"]["seen"]["images"] == row["groups"]["unseen"]["images"] == 8
+    assert row["fd_generated"] == 8  # the reference images show seen prompts only
+    for group in row["groups"].values():
+        assert set(group["oracle"]) >= {"mean"} and all(len(ci) == 2 for ci in group["oracle_ci"].values())
+    assert row["diversity"]["prompts"] == 2 and all(1 <= n <= 3 for n in row["diversity"]["distinct_layouts"])
+    per_image = list(csv.DictReader((tmp_path / "r" / "prompts.csv").open()))
+    assert sorted({r["group"] for r in per_image}) == ["seen", "unseen"]
+    unseen_texts = {r["prompt"] for r in per_image if r["group"] == "unseen"}
+    assert all(("red circle" in t) or ("circle in red" in t) or ("red circles" in t) for t in unseen_texts)
+    groups = [r["group"] for r in csv.DictReader((tmp_path / "r" / "report.csv").open())]
+    assert groups == ["all", "seen", "unseen"]
+
+
+def test_a_prompt_file_says_why_there_is_no_fd_and_warns_about_few_candidates(model, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a tiger\na red apple\n")
+    report = eval_main(["--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "r"),
+                        "--guidance-scales", "1,3", "--steps", "2", "--images-per-prompt", "1"])
+    out = capsys.readouterr().out
+    assert "FD not computed: no reference images" in out and "pass --reference" in report["fd_note"]
+    assert "ranks each image among only 2 candidate texts" in out
+    assert all("fd" not in row for row in report["scales"])
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_samples():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(20), rng.random(2000)
+    a = ev.bootstrap_interval(lambda i: small[i].mean(), len(small))
+    b = ev.bootstrap_interval(lambda i: large[i].mean(), len(large))
+    assert a[0] < small.mean() < a[1] and b[0] < large.mean() < b[1] and (b[1] - b[0]) < (a[1] - a[0]) / 5
+    assert ev.bootstrap_interval(lambda i: 0.0, 1) is None
+
+
+def test_a_model_without_a_judge_is_scored_by_the_oracle_alone(model, prompts, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    assert main(["export", str(model), "--out", str(tmp_path / "nojudge"), "--no-clip"]) == 0
+    assert not (tmp_path / "nojudge" / "clip").exists()
+    report = eval_main(_run(tmp_path / "nojudge", prompts, tmp_path / "r", max_prompts=2))
+    assert "no judge" in capsys.readouterr().out and report["judge"] is None
+    for row in report["scales"]:
+        assert "clip_score" not in row and "fd" not in row and "retrieval_top1" not in row
+        assert set(row["oracle"]) >= {"mean"}
+    (tmp_path / "p.txt").write_text("a tiger\n")
+    with pytest.raises(ValueError, match="--judge: the model folder .* has no clip/ to judge with"):
+        eval_main(_run(tmp_path / "nojudge", tmp_path / "p.txt", tmp_path / "r2", max_prompts=1))

@@ -1,6 +1,7 @@
 """LatentDiffusionPipeline: the call options a user relies on, and clear errors for bad input."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,16 @@ def test_no_shipped_model_says_how_to_get_one(monkeypatch, tmp_path):
     monkeypatch.setattr(model_folder, "SHIPPED_MODEL_DIR", tmp_path / "absent")
     with pytest.raises(ModelFolderError, match="latentdiff new-model --preset small --out"):
         LatentDiffusionPipeline.from_pretrained()
+
+
+def test_shipped_models_load_by_name_and_a_local_model_folder_of_that_name_wins(tmp_path, monkeypatch):
+    from latentdiff import model_folder
+
+    assert model_folder.resolve_model_dir("emoji") == model_folder.SHIPPED_MODEL_DIR
+    monkeypatch.setitem(model_folder.SHIPPED_MODELS, "shapes", tmp_path / "absent")
+    with pytest.raises(model_folder.ModelFolderError, match="the shipped model 'shapes' is not in this installation"):
+        model_folder.resolve_model_dir("shapes")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "model_index.json").write_text("{}")
+    assert model_folder.resolve_model_dir("shapes") == Path("shapes")

@@ -1,5 +1,6 @@
 """Recipes chain the stages, skip finished ones on a rerun, and the shipped recipes' flags are all valid."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,54 @@ def test_shipped_recipes_parse(recipe, tmp_path):
     unet_training.build_parser().parse_args([*required, "--model", "m", *parsed["unet"]["args"]])
     if "decoder" in parsed:
         vae_training.build_parser().parse_args([*required, "--finetune-decoder", *parsed["decoder"]["args"]])
+    if "eval" in parsed:
+        from latentdiff.eval_job import build_parser
+
+        build_parser().parse_args(["--prompts", "p", "--out", "o", *parsed["eval"]["args"]])
+
+
+GATED = """
+name = "gated"
+[data]
+kind = "shapes"
+args = ["--n", "40", "--size", "32", "--holdout", "red circle", "--unseen-prompts", "4"]
+[vae]
+args = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--holdout", "8", "--report-to", "none"]
+gates = [{ metric = "round_trip_oracle.real.mean", min = 1.0 }, { metric = "round_trip_oracle.round_trip.mean", min = %s }]
+"""
+
+
+def test_a_stage_that_misses_its_gate_stops_the_recipe_and_says_which(tmp_path, capsys):
+    recipe = tmp_path / "gated.toml"
+    recipe.write_text(GATED % "1.01")  # no VAE reaches more than every scene
+    assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err
+    assert "[vae] missed its gate: round_trip_oracle.round_trip.mean = " in err and "(needs ≥ 1.01)" in err
+    assert "real.mean" not in err.split("missed its gate")[1]  # the gate it passed is not named as missed
+    stages = tmp_path / "run" / "stages"
+    assert (stages / "vae.failed.json").is_file() and not (stages / "vae.json").exists()
+    failed = json.loads((stages / "vae.failed.json").read_text())
+    assert [g["passed"] for g in failed["gates"]] == [True, False]
+    recipe.write_text(GATED % "0.0")  # a rerun resumes from the last checkpoint and now passes
+    assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert not (stages / "vae.failed.json").exists()
+    record = json.loads((stages / "vae.json").read_text())
+    assert all(g["passed"] for g in record["gates"]) and record["gates"][1]["value"] >= 0
+
+
+def test_gate_metrics_walk_dicts_and_lists_and_bad_gates_are_named(tmp_path):
+    from latentdiff.recipes import check_gates, metric_value
+
+    report = {"scales": [{"oracle": {"mean": 0.5}}, {"oracle": {"mean": 0.92}}]}
+    assert metric_value(report, "scales.1.oracle.mean") == 0.92 and metric_value(report, "scales.2.oracle") is None
+    assert [g["passed"] for g in check_gates("eval", [{"metric": "scales.-1.oracle.mean", "min": 0.9},
+                                                      {"metric": "scales.0.oracle.mean", "min": 0.9},
+                                                      {"metric": "scales.0.nothing", "max": 1}], report)] == \
+        [True, False, False]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\nkind = "shapes"\n[vae]\nargs = []\ngates = [{ metric = "x" }]\n')
+    with pytest.raises(ValueError, match=r"\[vae\] gates must be a list of"):
+        load_recipe(bad)
 
 
 def test_bad_recipes_are_named(tmp_path):

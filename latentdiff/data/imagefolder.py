@@ -14,10 +14,12 @@ from pathlib import Path
 from PIL import Image
 
 
-def write_imagefolder(out_dir: str | Path, rows: Iterable[tuple[Image.Image, dict]], overwrite: bool = False) -> int:
+def write_imagefolder(out_dir: str | Path, rows: Iterable[tuple[Image.Image, dict]], overwrite: bool = False,
+                      extra_files: dict[str, str] | None = None) -> int:
     """Write (image, metadata) rows as 000000.png, 000001.png … and metadata.jsonl; return the number written.
 
-    Each metadata dict must hold `text` (a caption or a list of captions); `file_name` is added.
+    Each metadata dict must hold `text` (a caption or a list of captions); `file_name` is added. `extra_files`
+    ({name: text}, e.g. a split record) are written into the folder with it, before it appears.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
@@ -39,6 +41,8 @@ def write_imagefolder(out_dir: str | Path, rows: Iterable[tuple[Image.Image, dic
                 name = f"{count - 1:06d}.png"
                 image.save(staging / name, optimize=False)
                 index.write(json.dumps({"file_name": name, **meta}, ensure_ascii=False) + "\n")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         if out.exists():
             out.rename(old := out.with_name(f".{out.name}.old"))
             staging.rename(out)

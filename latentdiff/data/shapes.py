@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
@@ -33,6 +34,7 @@ NUMBERS = {1: "one", 2: "two", 3: "three"}
 PLURALS = {"cross": "crosses"}  # every other shape takes "s"
 TASKS = ("single", "count", "relation")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 512
+SPLIT_FILE = "split.json"  # a shapes data set's held-out pairs and where its unseen prompts are
 
 
 def a(phrase: str) -> str:
@@ -184,15 +186,151 @@ def sample_scene(rng: random.Random, image_size: int, task: str | None = None) -
     return scene
 
 
-def shapes_rows(n: int, image_size: int = 64, seed: int = 0):
-    """Yield n (image, metadata) rows: metadata holds the captions (`text`) and the ground truth (`scene`).
-    Deterministic for a seed."""
+# Held-out colour × shape pairs -----------------------------------------------------------------------------------
+
+Pair = tuple[str, str]  # (colour, shape)
+
+
+def parse_pairs(text: str) -> list[Pair]:
+    """"red circle, blue star" → [("red", "circle"), ("blue", "star")]; every colour and shape must be known."""
+    pairs = []
+    for item in (t.strip() for t in text.split(",")):
+        words = item.split()
+        if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+            raise ValueError(f"--holdout must be comma-separated 'colour shape' pairs (colours {list(COLOURS)}, "
+                             f"shapes {list(SHAPES)}), got {item!r} in {text!r}")
+        pairs.append((words[0], words[1]))
+    return list(dict.fromkeys(pairs))
+
+
+def sample_holdout(fraction: float, seed: int = 0) -> list[Pair]:
+    """round(fraction · 48) colour × shape pairs, chosen by `seed` so that every colour and every shape keeps as many
+    seen pairs as it can: pairs are drawn a Latin-square diagonal at a time (each shape once, no colour twice), so a
+    held-out pair is always a new combination of a colour and a shape that were both seen (with other partners)."""
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"--holdout-fraction must be in (0, 0.5] (each colour and shape must stay seen), got {fraction}")
+    count = max(1, round(fraction * len(COLOURS) * len(SHAPES)))
+    rng = random.Random(seed)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    rng.shuffle(colours), rng.shuffle(shapes)
+    # diagonal d pairs shape i with colour (i + d) mod 8: diagonals are disjoint, each covers every shape once
+    pairs = [(colours[(i + d) % len(colours)], shapes[i]) for d in range(len(colours)) for i in range(len(shapes))]
+    return pairs[:count]
+
+
+def scene_pairs(scene: Scene) -> set[Pair]:
+    return {(o.colour, o.shape) for o in scene.objects}
+
+
+def _sample_scenes(n: int, image_size: int, seed: int, keep) -> Iterator[Scene]:
+    rng = random.Random(seed)
+    made = 0
+    while made < n:
+        scene = sample_scene(rng, image_size)
+        if keep(scene):
+            made += 1
+            yield scene
+
+
+def _check_size(n: int, image_size: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) \
             or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
-    rng = random.Random(seed)
-    for _ in range(n):
-        scene = sample_scene(rng, image_size)
+
+
+def shapes_rows(n: int, image_size: int = 64, seed: int = 0, holdout: Iterable[Pair] = ()):
+    """Yield n (image, metadata) rows: metadata holds the captions (`text`) and the ground truth (`scene`).
+    Deterministic for a seed. No scene holds a `holdout` (colour, shape) pair, so no image or caption shows one
+    (scenes that would are skipped, and the rest keep their draws)."""
+    _check_size(n, image_size)
+    held = set(holdout)
+    for scene in _sample_scenes(n, image_size, seed, lambda s: not scene_pairs(s) & held):
         yield scene.render(image_size), {"text": scene.captions(), "scene": scene.to_dict()}
+
+
+def unseen_prompts(n: int, holdout: Iterable[Pair], image_size: int = 64, seed: int = 0) -> list[dict]:
+    """n evaluation prompts ({text, scene}) whose scenes each hold at least one `holdout` pair: the combinations a
+    model trained on `shapes_rows(..., holdout=...)` never saw. Same scene distribution otherwise."""
+    _check_size(n, image_size)
+    held = set(holdout)
+    if not held:
+        raise ValueError("unseen prompts need at least one held-out pair")
+    return [{"text": s.captions(), "scene": s.to_dict()}
+            for s in _sample_scenes(n, image_size, seed, lambda s: bool(scene_pairs(s) & held))]
+
+
+# Hard negatives: captions that differ from a true one only in binding, order or one attribute ---------------------
+
+SHAPE_PLURALS = [PLURALS.get(shape, shape + "s") for shape in SHAPES]
+WORD_GROUPS = (tuple(COLOURS), SHAPES, tuple(SHAPE_PLURALS), tuple(SIZES), ("one", "two", "three"), ("2", "3"))
+OPPOSITES = {"above": "below", "below": "above", "left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def _fix_articles(words: list[str]) -> str:
+    """ "a orange star" → "an orange star": a negative must not give itself away by its grammar."""
+    out = list(words)
+    for i, word in enumerate(out[:-1]):
+        if word in ("a", "an"):
+            out[i] = "an" if out[i + 1][:1] in "aeiou" else "a"
+    return " ".join(out)
+
+
+def hard_negatives(caption: str) -> dict[str, list[str]]:
+    """Captions one edit away from `caption`, by kind (NegCLIP-style, Yuksekgonul et al. 2023):
+      swap     two words of one kind trade places (colours: "a red circle above a blue square" → "a blue circle
+               above a red square"; shapes likewise): the same words, bound the other way
+      opposite a relation or position word turned round ("above" → "below", "left" → "right")
+      replace  one colour, shape, size or number word replaced by another of its kind
+    Each list is distinct and never holds the caption itself."""
+    words = caption.split()
+    found: dict[str, list[str]] = {"swap": [], "opposite": [], "replace": []}
+    for group in WORD_GROUPS:
+        where = [i for i, w in enumerate(words) if w in group]
+        for x, i in enumerate(where):
+            for j in where[x + 1:]:
+                if words[i] != words[j]:
+                    swapped = list(words)
+                    swapped[i], swapped[j] = words[j], words[i]
+                    found["swap"].append(_fix_articles(swapped))
+            for other in group:
+                if other != words[i]:
+                    found["replace"].append(_fix_articles(words[:i] + [other] + words[i + 1:]))
+    for i, word in enumerate(words):
+        if word in OPPOSITES:
+            found["opposite"].append(_fix_articles(words[:i] + [OPPOSITES[word]] + words[i + 1:]))
+    return {kind: [c for c in dict.fromkeys(texts) if c != caption] for kind, texts in found.items()}
+
+
+def caption_pairs(caption: str) -> set[Pair]:
+    """The (colour, shape) pairs a caption names: "red circle(s)", and "circle in red" (a single-object phrasing)."""
+    words, pairs = caption.split(), set()
+    singular = dict(zip(SHAPE_PLURALS, SHAPES)) | {s: s for s in SHAPES}
+    for i, word in enumerate(words[:-1]):
+        if word in COLOURS and words[i + 1] in singular:
+            pairs.add((word, singular[words[i + 1]]))
+        if word in singular and words[i + 1] == "in" and i + 2 < len(words) and words[i + 2] in COLOURS:
+            pairs.add((words[i + 2], singular[word]))
+    return pairs
+
+
+def read_split(data_dir) -> dict | None:
+    """A shapes data set's split record (held-out pairs, unseen prompts), or None when it has none."""
+    import json
+    from pathlib import Path
+
+    path = Path(data_dir) / SPLIT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def all_first_captions() -> list[str]:
+    """The plainest caption (`Scene.captions()[0]`) of every scene this world can draw, up to jitter and background:
+    single objects (shape × colour × size × position), counts (2–3 × colour × shape) and relations (two distinct
+    colours × two shapes × relation). The candidate set for judge retrieval on shapes prompts."""
+    texts = [f"{a(f'{size} {colour} {shape}')} {POSITION_PHRASES[position]}"
+             for shape in SHAPES for colour in COLOURS for size in SIZES for position in POSITIONS]
+    texts += [f"{NUMBERS[n]} {colour} {plural}" for n in (2, 3) for colour in COLOURS for plural in SHAPE_PLURALS]
+    texts += [f"{a(f'{ca} {sa}')} {RELATION_PHRASES[relation]} {a(f'{cb} {sb}')}"
+              for ca in COLOURS for cb in COLOURS if ca != cb for sa in SHAPES for sb in SHAPES for relation in RELATIONS]
+    return texts
