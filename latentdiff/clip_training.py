@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.hard_negatives < 0:
+        raise ValueError(f"--hard-negatives must be ≥ 0, got {args.hard_negatives}")
+    if args.hard_negatives and args.random_flip:
+        raise ValueError("--hard-negatives cannot go with --random-flip: a flipped image of 'on the left' shows "
+                         "'on the right', so its opposite negatives would be true")
     accelerator, model_dir = trainer.start(args, "train_clip")
     preset = load_preset(args.preset)
     resolution = args.resolution or preset["clip"]["vision_config"]["image_size"]
@@ -227,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
             drawn = draw_hard_negatives(batch["captions"], args.hard_negatives, generators, held_out)
             flat = [c for picks in drawn for c in picks]
             if flat:
-                embeds = embed_texts(clip, tokenize(tokenizer, flat, accelerator.device, full_context=False))
+                # the unwrapped model: DDP has no get_text_features; its hooks still sync the gradients
+                embeds = embed_texts(raw, tokenize(tokenizer, flat, accelerator.device, full_context=False))
                 per_image = list(embeds.split([len(picks) for picks in drawn]))
                 extra = hard_negative_loss(out.image_embeds.float(), out.text_embeds.float(), per_image, scale)
                 loss = loss + args.hard_negative_weight * extra
@@ -235,10 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
         return loss, logs
 
     progress = trainer.train(accelerator, args, [clip], optimizer, lr_scheduler, loader, step)
-    # 3. Held-out retrieval, then the parts.
+    # 3. The parts, then held-out retrieval (a failing measurement must not lose the trained model).
     summary = progress.summary()
     if accelerator.is_main_process:
         raw.eval()
+        save_clip(raw, tokenizer, model_dir)
         if holdout is not None:
             scores = retrieval(raw, tokenizer, holdout, device=accelerator.device)
             summary.update(scores)
@@ -256,7 +263,6 @@ def main(argv: list[str] | None = None) -> dict:
                 if key in summary:
                     accelerator.print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[key].items()
                                                              if isinstance(v, float)))
-        save_clip(raw, tokenizer, model_dir)
         trainer.write_summary(args.output_dir, summary)
     accelerator.end_training()
     return summary

@@ -207,25 +207,32 @@ def own_ranks(image_features: torch.Tensor, candidate_features: torch.Tensor, ow
     return (similarity > mine[:, None]).sum(1).numpy() + 1
 
 
-def summarise(scores: np.ndarray | None, ranks: np.ndarray | None, checks: list, args) -> dict:
+def summarise(scores: np.ndarray | None, ranks: np.ndarray | None, checks: list, prompt_ids: np.ndarray, args) -> dict:
     """CLIP score, retrieval top-1/top-5 (None without a judge) and oracle accuracies of a set of images, each with
-    its 95 % bootstrap interval over the images."""
-    count, seed = len(checks), args.seed
+    its 95 % bootstrap interval; prompts are resampled (each with all its images), as they are the unit sampled."""
+    count = len(checks)
+
+    def interval(statistic):
+        return ev.bootstrap_interval(statistic, count, args.bootstrap, args.seed, clusters=prompt_ids)
+
     row = {"images": count}
     if scores is not None:
         row["clip_score"] = max(float(scores.mean()), 0.0)
-        row["clip_score_ci"] = ev.bootstrap_interval(lambda i: max(scores[i].mean(), 0.0), count, args.bootstrap, seed)
+        row["clip_score_ci"] = interval(lambda i: max(scores[i].mean(), 0.0))
         for k in (1, 5):
             hits = (ranks <= k).astype(np.float64)
             row[f"retrieval_top{k}"] = float(hits.mean())
-            row[f"retrieval_top{k}_ci"] = ev.bootstrap_interval(lambda i: hits[i].mean(), count, args.bootstrap, seed)
-    known = [c for c in checks if c is not None]
+            row[f"retrieval_top{k}_ci"] = interval(lambda i, hits=hits: hits[i].mean())
+    known = [n for n, c in enumerate(checks) if c is not None]
     if known:
-        table = ev.oracle_table(known)
+        table = ev.oracle_table([checks[n] for n in known])
         oracle = ev.oracle_from_table(table)
-        intervals = {task: ev.bootstrap_interval(lambda i: ev.oracle_from_table(table[i]).get(task, np.nan), len(known),
-                                                 args.bootstrap, seed) for task in oracle}
-        row["oracle"], row["oracle_ci"] = oracle, intervals
+        tasks = tuple(t for t in oracle if t != "mean")
+        clusters = prompt_ids[known]
+        row["oracle"] = oracle
+        row["oracle_ci"] = {task: ev.bootstrap_interval(
+            lambda i, task=task: ev.oracle_from_table(table[i], tasks).get(task, np.nan), len(known), args.bootstrap,
+            args.seed, clusters=clusters) for task in oracle}
     return row
 
 
@@ -242,7 +249,8 @@ def score_scale(gathered: list, prompts: list[ev.Prompt], candidates: list[str],
         index = {text: i for i, text in enumerate(candidates)}
         ranks = own_ranks(image_features, candidate_features, [index[prompts[r[0]].text] for r in gathered])
     checks = [r[4] for r in gathered]
-    row = summarise(scores, ranks, checks, args)
+    prompt_ids = np.array([r[0] for r in gathered])
+    row = summarise(scores, ranks, checks, prompt_ids, args)
     if judged:
         row["retrieval_candidates"] = len(candidates)
     groups = [prompts[r[0]].group for r in gathered]
@@ -251,7 +259,7 @@ def score_scale(gathered: list, prompts: list[ev.Prompt], candidates: list[str],
         for name in dict.fromkeys(groups):
             mask = np.array([g == name for g in groups])
             row["groups"][name] = summarise(scores[mask] if judged else None, ranks[mask] if judged else None,
-                                            [c for c, m in zip(checks, mask) if m], args)
+                                            [c for c, m in zip(checks, mask) if m], prompt_ids[mask], args)
     # FD compares with the reference images, which show seen prompts only: unseen images stay out of it
     compared = np.array([g != "unseen" for g in groups])
     if reference is not None and len(reference) >= 2 and compared.sum() >= 2:

@@ -252,15 +252,24 @@ def oracle_accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
     return result
 
 
-def bootstrap_interval(statistic, samples: int, resamples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> list[float] | None:
+def bootstrap_interval(statistic, samples: int, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                       clusters: np.ndarray | None = None) -> list[float] | None:
     """Percentile bootstrap interval of `statistic(indices)` over `samples` items drawn with replacement (Efron &
-    Tibshirani 1993, §13.3); None with fewer than 2 items."""
+    Tibshirani 1993, §13.3); None with fewer than 2 items. With `clusters` (a label per item, e.g. its prompt), whole
+    clusters are drawn, so that correlated items (several images of one prompt) do not narrow the interval."""
     if samples < 2:
         return None
     rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(0, samples, samples)) for _ in range(resamples)], dtype=np.float64)
+    if clusters is None:
+        draws = (rng.integers(0, samples, samples) for _ in range(resamples))
+    else:
+        members = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+        draws = (np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+                 for _ in range(resamples))
+    values = np.array([statistic(indices) for indices in draws], dtype=np.float64)
     values = values[np.isfinite(values)]
+    if not len(values):
+        return None
     low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return [float(low), float(high)]
 
@@ -270,15 +279,18 @@ def oracle_table(checks: list[dict[str, bool]]) -> np.ndarray:
     return np.array([[float(c[t]) if t in c else np.nan for t in ORACLE_TASKS] for c in checks], dtype=np.float64)
 
 
-def oracle_from_table(table: np.ndarray) -> dict[str, float]:
+def oracle_from_table(table: np.ndarray, tasks: tuple[str, ...] | None = None) -> dict[str, float]:
     """`oracle_accuracy` of the checks in an `oracle_table` (per task over the images it applies to; "mean" over
-    the tasks present)."""
+    the tasks present, or over `tasks`, NaN when one of them has no check: a bootstrap resample that misses a task
+    must not turn the mean into another statistic)."""
     result = {}
     for k, task in enumerate(ORACLE_TASKS):
         column = table[:, k][~np.isnan(table[:, k])]
         if len(column):
             result[task] = float(column.mean())
-    if result:
+    if tasks is not None:
+        result["mean"] = (sum(result[t] for t in tasks) / len(tasks)) if all(t in result for t in tasks) else np.nan
+    elif result:
         result["mean"] = sum(result.values()) / len(result)
     return result
 

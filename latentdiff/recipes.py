@@ -145,8 +145,9 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
             raise GateMissed(f"[{stage}] missed its gate: " + "; ".join(
                 f"{g['metric']} = {g['value']} (needs {'≥ ' + str(g['min']) if 'min' in g else ''}"
                 f"{' and ' if 'min' in g and 'max' in g else ''}{'≤ ' + str(g['max']) if 'max' in g else ''})"
-                for g in missed) + f"; the recipe stops here (record: {failed}). Raise the stage's --max-steps and "
-                "run the recipe again to train on from its last checkpoint.")
+                for g in missed) + f"; the recipe stops here (record: {failed}). " + (
+                    "Raise the stage's --max-steps and run the recipe again to train on from its last checkpoint."
+                    if stage != "data" and stage != "eval" else "Train the stage before it further, then rerun."))
         (done_dir / f"{stage}.failed.json").unlink(missing_ok=True)
         marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
         records[stage] = record

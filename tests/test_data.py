@@ -389,8 +389,11 @@ def test_a_held_out_fraction_is_a_seeded_set_of_new_combinations_of_seen_words(c
     pairs = sample_holdout(0.125, seed=0)
     assert len(pairs) == 6 and pairs == sample_holdout(0.125, seed=0) != sample_holdout(0.125, seed=1)
     assert len({c for c, _ in pairs}) == 6 and len({s for _, s in pairs}) == 6  # no colour or shape held out twice
-    big = sample_holdout(0.5, seed=3)
-    assert len(set(big)) == 24 and all(sum(s == shape for _, s in big) == 4 for shape in SHAPES)
+    for fraction, per_colour in ((0.25, {1, 2}), (0.5, {3})):  # colours as even as shapes allow
+        big = sample_holdout(fraction, seed=3)
+        assert len(set(big)) == round(48 * fraction)
+        assert {sum(c == colour for c, _ in big) for colour in COLOURS} == per_colour
+        assert {sum(s == shape for _, s in big) for shape in SHAPES} == {round(8 * fraction)}
     with pytest.raises(ValueError, match=r"--holdout-fraction must be in \(0, 0.5\]"):
         sample_holdout(0.9)
     assert main(["data", "shapes", "--n", "5", "--holdout", "red circel", "--out", "unused"]) == 2
@@ -410,6 +413,8 @@ def test_hard_negatives_change_binding_order_or_one_attribute_and_keep_their_gra
     assert single["swap"] == [] and single["opposite"] == ["a small red circle on the right"]
     assert "a large red circle on the left" in single["replace"] and "a small red star on the left" in single["replace"]
     assert "two red circles" in hard_negatives("three red circles")["replace"]
+    assert "one red circles" not in hard_negatives("two red circles")["replace"]  # ungrammatical: gives itself away
+    assert hard_negatives("on the left, a small red circle")["opposite"] == ["on the right, a small red circle"]
 
 
 def test_drawn_hard_negatives_never_name_a_held_out_pair():
@@ -421,5 +426,14 @@ def test_drawn_hard_negatives_never_name_a_held_out_pair():
     drawn = draw_hard_negatives(["a red circle above a blue square"] * 200, 3, generators, held)
     flat = [c for picks in drawn for c in picks]
     assert len(flat) == 600 and not any(caption_pairs(c) & held for c in flat)
+    assert "a green circle above a blue square" not in flat and "a yellow circle above a blue square" in flat
+    # every phrasing that can name the pair: "green circle(s)" and "circle in green"
+    for caption, forbidden, allowed in [
+            ("a small circle in red at the top", "a small circle in green at the top", "a small circle in cyan at the top"),
+            ("two red circles", "two green circles", "two cyan circles"),
+            ("a small green star on the left", "a small green circle on the left", "a small green cross on the left")]:
+        picks = [c for g in range(300) for c in draw_hard_negatives(
+            [caption], 2, [torch.Generator().manual_seed(g)], held)[0]]
+        assert forbidden not in picks and allowed in picks, caption
     # kinds are drawn evenly: the single binding swap of colours is not drowned by two dozen replacements
     assert flat.count("a blue circle above a red square") > 600 / 3 / 2 * 0.6

@@ -171,8 +171,8 @@ def test_eval_of_a_tiny_model_on_8_prompts_writes_every_output(model, prompts, t
     per_image = list(csv.DictReader((tmp_path / "prompts.csv").open()))
     assert len(per_image) == 32 and {"prompt", "clip_score", "rank", "oracle_count"} <= set(per_image[0])
     assert all(int(r["rank"]) >= 1 for r in per_image)
-    top1 = sum(int(r["rank"]) == 1 for r in per_image if r["guidance_scale"] == "7.5") / 16
-    assert top1 == pytest.approx(report["scales"][1]["retrieval_top1"])
+    top5 = sum(int(r["rank"]) <= 5 for r in per_image if r["guidance_scale"] == "7.5") / 16
+    assert top5 == pytest.approx(report["scales"][1]["retrieval_top5"])
     assert json.loads((tmp_path / "report.json").read_text())["judge"].endswith("clip")
 
 
@@ -324,6 +324,27 @@ def test_a_prompt_file_says_why_there_is_no_fd_and_warns_about_few_candidates(mo
     assert "FD not computed: no reference images" in out and "pass --reference" in report["fd_note"]
     assert "ranks each image among only 2 candidate texts" in out
     assert all("fd" not in row for row in report["scales"])
+
+
+def test_own_ranks_agree_with_top_k_retrieval():
+    from latentdiff.eval_job import own_ranks
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    own = torch.randint(0, 30, (50,), generator=g).tolist()
+    ranks = own_ranks(images, texts, own)
+    expected = ev.retrieval_accuracy(images, texts, own, list(range(30)))
+    assert (ranks <= 1).mean() == pytest.approx(expected["top1"]) and (ranks <= 5).mean() == pytest.approx(expected["top5"])
+
+
+def test_bootstrap_over_prompts_widens_the_interval_of_repeated_images():
+    rng = np.random.default_rng(1)
+    per_prompt = rng.random(30)
+    values = np.repeat(per_prompt, 4)  # four identical images of each of 30 prompts
+    naive = ev.bootstrap_interval(lambda i: values[i].mean(), len(values))
+    clustered = ev.bootstrap_interval(lambda i: values[i].mean(), len(values), clusters=np.repeat(np.arange(30), 4))
+    assert (clustered[1] - clustered[0]) > 1.5 * (naive[1] - naive[0])
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_samples():

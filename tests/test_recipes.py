@@ -98,6 +98,7 @@ def test_a_stage_that_misses_its_gate_stops_the_recipe_and_says_which(tmp_path, 
     assert [g["passed"] for g in failed["gates"]] == [True, False]
     recipe.write_text(GATED % "0.0")  # a rerun resumes from the last checkpoint and now passes
     assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert "resumed from" in capsys.readouterr().out
     assert not (stages / "vae.failed.json").exists()
     record = json.loads((stages / "vae.json").read_text())
     assert all(g["passed"] for g in record["gates"]) and record["gates"][1]["value"] >= 0

@@ -415,7 +415,10 @@ def test_hard_negative_loss_is_low_when_the_image_matches_its_own_caption_best()
     expected = -torch.log_softmax(10 * torch.cat([own, negatives[0]]) @ image[0], 0)[0]
     assert good == pytest.approx(expected.item(), abs=1e-5) and good < 0.01 < bad
     # no negatives at all (a caption with no colour, shape, size or number word): no term, and a gradient of zeros
-    assert clip_training.hard_negative_loss(image.requires_grad_(), own, [torch.empty(0, 3)], torch.tensor(10.0)) == 0
+    image = image.clone().requires_grad_()
+    nothing = clip_training.hard_negative_loss(image, own, [torch.empty(0, 3)], torch.tensor(10.0))
+    nothing.backward()
+    assert nothing == 0 and torch.equal(image.grad, torch.zeros_like(image))
 
 
 def test_clip_with_hard_negatives_learns_to_reject_captions_one_word_away(tmp_path):
@@ -429,6 +432,12 @@ def test_clip_with_hard_negatives_learns_to_reject_captions_one_word_away(tmp_pa
     # 2026-12-03: 0.31)
     assert scores["replace_images"] == 96 and scores["replace"] >= 3 / 13, scores
     assert scores["swap"] is None and scores["swap_images"] == 0  # one colour and one shape: nothing to swap
+
+
+def test_hard_negatives_refuse_random_flips(tmp_path):
+    with pytest.raises(ValueError, match="--hard-negatives cannot go with --random-flip"):
+        clip_training.main(["--data", "unused", "--output-dir", str(tmp_path), "--hard-negatives", "2",
+                            "--random-flip", *QUIET])
 
 
 def test_vae_foreground_weight_and_the_round_trip_oracle(shapes, tmp_path):

@@ -213,8 +213,12 @@ def sample_holdout(fraction: float, seed: int = 0) -> list[Pair]:
     rng = random.Random(seed)
     colours, shapes = list(COLOURS), list(SHAPES)
     rng.shuffle(colours), rng.shuffle(shapes)
-    # diagonal d pairs shape i with colour (i + d) mod 8: diagonals are disjoint, each covers every shape once
-    pairs = [(colours[(i + d) % len(colours)], shapes[i]) for d in range(len(colours)) for i in range(len(shapes))]
+    # Diagonal d pairs shape i with colour (i + offset_d) mod 8. The offsets 0, 6, 4, 2, 1, 7, 5, 3 are distinct (so
+    # are the diagonals' pairs), and each diagonal starts at the colour where the one before stopped: every colour is
+    # held out once before any twice, and so on (6 shapes, 8 colours: 4 diagonals use each colour 3 times).
+    n_colours, n_shapes = len(colours), len(shapes)
+    offsets = [(d * n_shapes + d // 4) % n_colours for d in range(n_colours)]
+    pairs = [(colours[(i + offset) % n_colours], shapes[i]) for offset in offsets for i in range(n_shapes)]
     return pairs[:count]
 
 
@@ -264,7 +268,7 @@ def unseen_prompts(n: int, holdout: Iterable[Pair], image_size: int = 64, seed: 
 # Hard negatives: captions that differ from a true one only in binding, order or one attribute ---------------------
 
 SHAPE_PLURALS = [PLURALS.get(shape, shape + "s") for shape in SHAPES]
-WORD_GROUPS = (tuple(COLOURS), SHAPES, tuple(SHAPE_PLURALS), tuple(SIZES), ("one", "two", "three"), ("2", "3"))
+WORD_GROUPS = (tuple(COLOURS), SHAPES, tuple(SHAPE_PLURALS), tuple(SIZES), ("two", "three"), ("2", "3"))
 OPPOSITES = {"above": "below", "below": "above", "left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
 
@@ -284,7 +288,13 @@ def hard_negatives(caption: str) -> dict[str, list[str]]:
       opposite a relation or position word turned round ("above" → "below", "left" → "right")
       replace  one colour, shape, size or number word replaced by another of its kind
     Each list is distinct and never holds the caption itself."""
-    words = caption.split()
+    # words are matched without trailing punctuation ("on the left, a small red circle"), which an edit keeps
+    tails = [w[len(w.rstrip(",.;:")):] for w in caption.split()]
+    words = [w.rstrip(",.;:") for w in caption.split()]
+
+    def text(edited: list[str]) -> str:
+        return _fix_articles([w + tail for w, tail in zip(edited, tails)])
+
     found: dict[str, list[str]] = {"swap": [], "opposite": [], "replace": []}
     for group in WORD_GROUPS:
         where = [i for i, w in enumerate(words) if w in group]
@@ -293,13 +303,13 @@ def hard_negatives(caption: str) -> dict[str, list[str]]:
                 if words[i] != words[j]:
                     swapped = list(words)
                     swapped[i], swapped[j] = words[j], words[i]
-                    found["swap"].append(_fix_articles(swapped))
+                    found["swap"].append(text(swapped))
             for other in group:
                 if other != words[i]:
-                    found["replace"].append(_fix_articles(words[:i] + [other] + words[i + 1:]))
+                    found["replace"].append(text(words[:i] + [other] + words[i + 1:]))
     for i, word in enumerate(words):
         if word in OPPOSITES:
-            found["opposite"].append(_fix_articles(words[:i] + [OPPOSITES[word]] + words[i + 1:]))
+            found["opposite"].append(text(words[:i] + [OPPOSITES[word]] + words[i + 1:]))
     return {kind: [c for c in dict.fromkeys(texts) if c != caption] for kind, texts in found.items()}
 
 
