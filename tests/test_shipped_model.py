@@ -1,6 +1,7 @@
 """The model shipped inside the package: within the size limits, loads with no argument and no network, and draws
 "a tiger" so that its own CLIP picks "a tiger" among the names of every emoji."""
 
+import json
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.data.emoji import captions, emoji_entries
 from latentdiff.evaluation import Judge
-from latentdiff.model_folder import SHIPPED_MODEL_DIR
+from latentdiff.model_folder import SHIPPED_MODEL_DIR, SHIPPED_MODELS
 
 MiB = 2**20
 
@@ -41,3 +42,19 @@ def test_a_tiger_is_the_judges_top_5_pick_among_every_emoji_name(pipe):
     similarity = judge.image_features(images) @ judge.text_features(names).T  # (2 images, all names)
     ranks = [1 + int((row > row[names.index("a tiger")]).sum()) for row in similarity]
     assert max(ranks) <= 5, f"the judge ranks 'a tiger' {ranks} among {len(names)} names (seeds 0 and 1)"
+
+
+SHAPES_DIR = SHIPPED_MODELS["shapes"]
+
+
+def test_the_shapes_model_loads_by_name_within_its_limits_and_says_how_it_was_made():
+    files = [p for p in SHAPES_DIR.rglob("*") if p.is_file()]
+    assert files, f"no shapes model ships in {SHAPES_DIR}"
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert max(p.stat().st_size for p in files) <= 16 * MiB and sum(p.stat().st_size for p in files) <= 30 * MiB
+    recipe = json.loads((SHAPES_DIR / "recipe.json").read_text())
+    assert recipe["recipe"]["name"] == "shapes64" and "unet" in recipe["stages"]
+    pipe = LatentDiffusionPipeline.from_pretrained("shapes")
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.config.sample_size == 64
+    image = pipe("two red circles", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
