@@ -16,7 +16,11 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+# diffusers' names: the "_log" forms are the same variances (diffusers computes them through logs), "learned" takes the
+# variance from extra model-output channels and "learned_range" interpolates log β̃_t … log β_t with them (Nichol &
+# Dhariwal 2021, eq. 15). None, as diffusers reads it, is fixed_small.
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 # 1. β schedules -------------------------------------------------------------------------------------------------
@@ -221,29 +225,46 @@ def diffusion_loss(
 # 5. Reverse steps -----------------------------------------------------------------------------------------------
 
 
+def ddpm_variance(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, variance_type: str | None = "fixed_small",
+                  predicted: torch.Tensor | None = None) -> torch.Tensor:
+    """σ_t² of the ancestral step: β̃_t = (1 − ᾱ_s)/(1 − ᾱ_t) β_t (`fixed_small`, Ho et al. 2020 §3.2), β_t
+    (`fixed_large`), the model's own (`learned`), or exp(v log β_t + (1 − v) log β̃_t) with v = (output + 1)/2
+    (`learned_range`, Nichol & Dhariwal 2021, eq. 15); β_t = 1 − ᾱ_t/ᾱ_s for a strided step."""
+    beta = 1 - alpha_bar_t / alpha_bar_prev
+    beta_tilde = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta).clamp(min=1e-20)
+    if variance_type in (None, "fixed_small", "fixed_small_log"):
+        return beta_tilde
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        return beta
+    if variance_type in LEARNED_VARIANCES:
+        if predicted is None:
+            raise ValueError(f"variance_type {variance_type!r} takes the variance from the model: its output needs "
+                             "twice the sample's channels (the prediction, then the variance)")
+        if variance_type == "learned":
+            return predicted
+        fraction = (predicted + 1) / 2
+        return torch.exp(fraction * beta.log() + (1 - fraction) * beta_tilde.log())
+    raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} (or None: fixed_small), got {variance_type!r}")
+
+
 def ddpm_step(
     x_t: torch.Tensor,
     x0_pred: torch.Tensor,
     alpha_bar_t: torch.Tensor,
     alpha_bar_prev: torch.Tensor,
     noise: torch.Tensor | None,
-    variance_type: str = "fixed_small",
+    variance_type: str | None = "fixed_small",
+    predicted_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ancestral step x_s ~ p_θ(x_s | x_t) = N(μ̃(x_t, x̂_0), σ_t² I) (Ho et al. 2020, eq. 11 / Algorithm 2).
 
-    With x̂_0 from ε this is x_{t−1} = 1/√α_t (x_t − β_t/√(1 − ᾱ_t) ε_θ) + σ_t z. σ_t² = β̃_t (`fixed_small`) or
-    β_t (`fixed_large`); both are the paper's choices (§3.2). `noise` is None on the last step (z = 0).
+    With x̂_0 from ε this is x_{t−1} = 1/√α_t (x_t − β_t/√(1 − ᾱ_t) ε_θ) + σ_t z, σ_t² from `ddpm_variance`.
+    `noise` is None on the last step (z = 0).
     """
-    mean, posterior_variance = q_posterior(x0_pred, x_t, alpha_bar_t, alpha_bar_prev)
+    mean, _ = q_posterior(x0_pred, x_t, alpha_bar_t, alpha_bar_prev)
     if noise is None:
         return mean
-    if variance_type == "fixed_small":
-        variance = posterior_variance.clamp(min=1e-20)
-    elif variance_type == "fixed_large":
-        variance = 1 - alpha_bar_t / alpha_bar_prev
-    else:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-    return mean + variance.sqrt() * noise
+    return mean + ddpm_variance(alpha_bar_t, alpha_bar_prev, variance_type, predicted_variance).sqrt() * noise
 
 
 def ddim_sigma(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float) -> torch.Tensor:

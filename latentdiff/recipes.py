@@ -156,12 +156,16 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
 
 
 def write_provenance(recipe: dict, out: Path) -> None:
-    """MODEL/recipe.json: the recipe and every finished stage's record (wall time, hardware, summary), so a model
-    folder says how it was made wherever it is copied (`latentdiff export` carries it along)."""
+    """MODEL/recipe.json: the recipe and every finished stage's record (wall time, hardware, summary), and under
+    "missed_gates" the record of any stage that missed its gate, so a model folder says how it was made wherever it
+    is copied (`latentdiff export` carries it along)."""
     if not (out / "model").is_dir():
         return
     stages = {p.stem: json.loads(p.read_text()) for p in sorted((out / "stages").glob("*.json"))}
     provenance = {"recipe": recipe, "stages": {s: stages[s] for s in STAGES if s in stages}}
+    missed = {s: stages[f"{s}.failed"] for s in STAGES if f"{s}.failed" in stages}
+    if missed:  # a stage that missed its gate, and whose parts the later stages were then run on by hand
+        provenance["missed_gates"] = missed
     staging = out / "model" / f".recipe.json.{os.getpid()}"
     staging.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     os.replace(staging, out / "model" / "recipe.json")

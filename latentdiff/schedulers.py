@@ -119,7 +119,9 @@ class _GaussianScheduler(SchedulerMixin, ConfigMixin):
 class DDPMScheduler(_GaussianScheduler):
     """Ancestral sampling of Ho et al. 2020 (Algorithm 2), also with fewer steps than T (strided posterior).
 
-    `variance_type`: "fixed_small" uses σ_t² = β̃_t, "fixed_large" σ_t² = β_t (§3.2).
+    `variance_type`: "fixed_small" uses σ_t² = β̃_t, "fixed_large" σ_t² = β_t (§3.2); diffusers' other names
+    ("fixed_small_log", "fixed_large_log", "learned", "learned_range") and None (fixed_small, as diffusers reads it)
+    are taken too, so every DDPMScheduler config diffusers loads loads here (`diffusion.ddpm_variance`).
     """
 
     @register_to_config
@@ -130,7 +132,7 @@ class DDPMScheduler(_GaussianScheduler):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: list[float] | None = None,
-        variance_type: str = "fixed_small",
+        variance_type: str | None = "fixed_small",
         clip_sample: bool = True,
         prediction_type: str = "epsilon",
         clip_sample_range: float = 1.0,
@@ -138,8 +140,9 @@ class DDPMScheduler(_GaussianScheduler):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        if variance_type not in diffusion.VARIANCE_TYPES:
-            raise ValueError(f"variance_type must be one of {diffusion.VARIANCE_TYPES}, got {variance_type!r}")
+        if variance_type is not None and variance_type not in diffusion.VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be one of {diffusion.VARIANCE_TYPES} (or None: fixed_small), "
+                             f"got {variance_type!r}")
         self._setup(self.config)
 
     def step(
@@ -152,13 +155,17 @@ class DDPMScheduler(_GaussianScheduler):
     ) -> SchedulerOutput | tuple:
         t = int(timestep)
         prev_t = self.previous_timestep(t)
+        predicted_variance = None
+        if self.config.variance_type in diffusion.LEARNED_VARIANCES and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
         ab_t, ab_prev = self._alpha_bars(t, prev_t, 1.0, sample)
         x0, _ = self._predict_x0_eps(model_output, sample, ab_t)
         noise = None
         if t > 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
-        prev_sample = diffusion.ddpm_step(sample, x0, ab_t, ab_prev, noise, self.config.variance_type)
+        prev_sample = diffusion.ddpm_step(sample, x0, ab_t, ab_prev, noise, self.config.variance_type,
+                                          predicted_variance)
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

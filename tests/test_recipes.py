@@ -96,6 +96,11 @@ def test_a_stage_that_misses_its_gate_stops_the_recipe_and_says_which(tmp_path, 
     assert (stages / "vae.failed.json").is_file() and not (stages / "vae.json").exists()
     failed = json.loads((stages / "vae.failed.json").read_text())
     assert [g["passed"] for g in failed["gates"]] == [True, False]
+    from latentdiff.recipes import load_recipe as load, write_provenance
+
+    write_provenance(load(recipe), tmp_path / "run")  # a model folder made from a stage that missed says so
+    provenance = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
+    assert "vae" not in provenance["stages"] and provenance["missed_gates"]["vae"]["gates"][1]["passed"] is False
     recipe.write_text(GATED % "0.0")  # a rerun resumes from the last checkpoint and now passes
     assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 0
     assert "resumed from" in capsys.readouterr().out

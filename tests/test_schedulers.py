@@ -59,6 +59,62 @@ def test_ddpm_step_matches_diffusers(schedule, prediction_type, variance_type):
     _run_chain(ours, theirs, steps=20)
 
 
+@pytest.mark.parametrize("variance_type", [None, "fixed_small_log", "learned", "learned_range"])
+def test_every_ddpm_variance_type_diffusers_takes_steps_as_diffusers_does(variance_type):
+    """None is what DPM-Solver's config carries (the shipped model's): diffusers reads it as fixed_small. The learned
+    variances come from extra output channels (the variance, or v of Nichol & Dhariwal's interpolation)."""
+    ours, theirs = _pair(DDPMScheduler, diffusers.DDPMScheduler, variance_type=variance_type,
+                         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    _same_schedule(ours, theirs)
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    for t in ours.timesteps[:-1]:
+        prediction = torch.tanh(x) * 0.5
+        extra = {"learned": torch.rand(2, 4, 8, 8) * 0.01, "learned_range": torch.rand(2, 4, 8, 8) * 2 - 1}
+        output = torch.cat([prediction, extra[variance_type]], 1) if variance_type in extra else prediction
+        a = ours.step(output, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        b = theirs.step(output, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        x = b
+
+
+def test_fixed_large_log_is_fixed_large():
+    """diffusers' DDPM returns NaN for fixed_large_log (it takes the square root of log β_t); we read it as the
+    variance it names, β_t (GLIDE's "max_log")."""
+    large_log, large = DDPMScheduler(variance_type="fixed_large_log"), DDPMScheduler(variance_type="fixed_large")
+    for s in (large_log, large):
+        s.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = large.timesteps[3]
+    a = large_log.step(x * 0.1, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    b = large.step(x * 0.1, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_a_learned_variance_without_its_channels_is_named():
+    ours = DDPMScheduler(variance_type="learned")
+    ours.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="variance_type 'learned' takes the variance from the model: its output needs "
+                                         "twice the sample's channels"):
+        ours.step(x, ours.timesteps[0], x)
+
+
+@pytest.mark.parametrize("source", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
+                                    "LCMScheduler", "DDPMScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("ours_cls", [DDPMScheduler, DDIMScheduler], ids=["ddpm", "ddim"])
+def test_ours_load_from_any_diffusers_scheduler_config_as_diffusers_do(source, ours_cls):
+    config = getattr(diffusers, source)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    theirs = getattr(diffusers, ours_cls.__name__).from_config(config)
+    ours = ours_cls.from_config(config)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s["beta_schedule"] + ("+zsnr" if len(s) > 3 else ""))
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -177,3 +233,18 @@ def test_bad_config_is_named(bad):
 def test_bad_step_count_is_named(steps):
     with pytest.raises(ValueError, match="num_inference_steps"):
         DDIMScheduler().set_timesteps(steps)
+
+
+def test_the_shipped_models_sampler_config_loads_in_our_ddpm_and_ddim():
+    """The issue's reproduction: the shipped DPM-Solver++ config carries "variance_type": null, which made
+    `latentdiff generate --scheduler ddpm` and LoRA fine-tuning of the shipped model fail."""
+    from latentdiff.model_folder import SHIPPED_MODEL_DIR
+    from latentdiff.schedulers import scheduler_from_name
+
+    config = diffusers.DPMSolverMultistepScheduler.from_pretrained(SHIPPED_MODEL_DIR / "scheduler").config
+    assert config["variance_type"] is None
+    for name in ("ddpm", "ddim"):
+        scheduler = scheduler_from_name(name, config)
+        scheduler.set_timesteps(5)
+        x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(scheduler.step(x * 0.1, scheduler.timesteps[0], x).prev_sample).all()
