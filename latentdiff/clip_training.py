@@ -136,26 +136,19 @@ def hard_negative_accuracy(clip: CLIPModel, tokenizer: CLIPTokenizer, images: to
 
 def unseen_images(data_dir, resolution: int) -> tuple[torch.Tensor, list[str]] | None:
     """A shapes data set's unseen prompts (scenes with held-out pairs), rendered, as CLIP inputs and first captions."""
-    import json
-
     import numpy as np
-
-    from .data.shapes import Scene, read_split
-
-    split = read_split(data_dir) if Path(data_dir).is_dir() else None
-    if not split or not (Path(data_dir) / split["unseen_prompts"]).is_file():
-        return None
-    rows = [json.loads(line) for line in (Path(data_dir) / split["unseen_prompts"]).read_text().splitlines() if line]
-    size = _scene_size(data_dir)  # scenes keep their boxes in the data set's pixels
-    arrays = [np.asarray(Scene.from_dict(r["scene"]).render(size).resize((resolution, resolution)),
-                         dtype=np.float32) / 127.5 - 1 for r in rows]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), [r["text"][0] for r in rows]
-
-
-def _scene_size(data_dir) -> int:
     from PIL import Image
 
-    return Image.open(next(Path(data_dir).glob("*.png"))).size[0]
+    from .data.shapes import Scene
+    from .evaluation import unseen_prompts
+
+    prompts = unseen_prompts(data_dir)
+    if not prompts:
+        return None
+    size = Image.open(next(Path(data_dir).glob("*.png"))).size[0]  # scenes keep their boxes in the set's pixels
+    arrays = [np.asarray(Scene.from_dict(p.scene).render(size).resize((resolution, resolution)),
+                         dtype=np.float32) / 127.5 - 1 for p in prompts]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), [p.text for p in prompts]
 
 
 def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> None:

@@ -242,14 +242,7 @@ def oracle_scores(scene: dict, image: Image.Image) -> dict[str, bool]:
 
 def oracle_accuracy(checks: list[dict[str, bool]]) -> dict[str, float]:
     """Per task, the fraction of its checks that passed; "mean" over the tasks present."""
-    result = {}
-    for task in ORACLE_TASKS:
-        values = [c[task] for c in checks if task in c]
-        if values:
-            result[task] = sum(values) / len(values)
-    if result:
-        result["mean"] = sum(result.values()) / len(result)
-    return result
+    return oracle_from_table(oracle_table(checks)) if checks else {}
 
 
 def bootstrap_interval(statistic, samples: int, resamples: int = 1000, seed: int = 0, level: float = 0.95,
@@ -280,7 +273,7 @@ def oracle_table(checks: list[dict[str, bool]]) -> np.ndarray:
 
 
 def oracle_from_table(table: np.ndarray, tasks: tuple[str, ...] | None = None) -> dict[str, float]:
-    """`oracle_accuracy` of the checks in an `oracle_table` (per task over the images it applies to; "mean" over
+    """Oracle accuracy of the checks in an `oracle_table` (per task over the images it applies to; "mean" over
     the tasks present, or over `tasks`, NaN when one of them has no check: a bootstrap resample that misses a task
     must not turn the mean into another statistic)."""
     result = {}
