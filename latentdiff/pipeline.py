@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -233,25 +234,27 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         embeds = self.encode_prompt(texts, device).repeat_interleave(n, dim=0)
 
         # 2. Initial noise x_T (B·n, C, h, w), scaled as the scheduler expects; the sampler works in float32 whatever
-        #    the networks' dtype.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        #    the networks' dtype. The call samples with its own copy of the scheduler: set_timesteps and multistep
+        #    solvers' history are per-call state, so threads sharing one pipeline must not share them.
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (len(prompts) * n, self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
-        step_kwargs = _accepted_kwargs(self.scheduler.step, eta=eta, generator=generator)
+        latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+        step_kwargs = _accepted_kwargs(scheduler.step, eta=eta, generator=generator)
 
         # 3. Denoise: one U-Net call per step on [uncond; cond] when guiding.
         unet, unet_dtype = self._traced_unet.bind(self.unet, trace=self.use_tracing), self.unet.dtype
         passes = int(run_uncond) + int(run_cond)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([latents] * passes), t)
+        for t in self.progress_bar(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(torch.cat([latents] * passes), t)
             output = unet(model_input.to(unet_dtype), t, embeds).float()
             if passes == 2:
                 uncond, cond = output.chunk(2)
                 output = diffusion.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
-            latents = self.scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+            latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
 
         # 4. Decode z_0 → image.
         if output_type == "latent":
