@@ -90,11 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="precision of the stored weights (default: fp16, half the size; they load as fp32)")
     export.add_argument("--no-clip", action="store_true",
                         help="leave out clip/ (the judge for CLIP score and retrieval; generation does not use it)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace the model in an existing --out folder (its other files are kept)")
 
     new = commands.add_parser("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
     new.add_argument("--out", required=True, help="folder to write")
     new.add_argument("--seed", type=int, default=0)
+    new.add_argument("--overwrite", action="store_true",
+                     help="replace the model in an existing --out folder (its other files are kept)")
     return parser
 
 
@@ -167,6 +171,7 @@ def export_model(args) -> tuple[Path, int]:
     source, out = resolve_model_dir(args.model), Path(args.out)
     if out.resolve() == source.resolve():
         raise ValueError(f"--out must differ from the model folder, got {args.out!r} for both")
+    _check_model_out(args.out, args.overwrite)
     pipe = LatentDiffusionPipeline.from_pretrained(source)
     if args.scheduler:
         from .schedulers import scheduler_from_name
@@ -195,9 +200,21 @@ def export_model(args) -> tuple[Path, int]:
     return out, size
 
 
+def _check_model_out(out: str, overwrite: bool) -> None:
+    """A model is written into a new or empty folder; over anything else only with --overwrite."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out must be a folder, got the file {out!r}")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        what = "a model" if (path / "model_index.json").is_file() else "files"
+        raise ValueError(f"--out {out!r} already holds {what}; pass --overwrite to replace the model in it "
+                         "(component folders and model_index.json are replaced, other files are kept)")
+
+
 def new_model(args) -> Path:
     from .models import new_pipeline
 
+    _check_model_out(args.out, args.overwrite)
     new_pipeline(args.preset, seed=args.seed).save_pretrained(args.out)
     return Path(args.out)
 

@@ -45,7 +45,7 @@ def test_export_stores_half_precision_weights_that_load_as_float32(tiny_dir, tmp
     assert 0 < np.abs(a - b).max() < 0.02  # the weights' fp16 round-off, nothing else
     assert np.abs(b - c).max() <= 1 / 255  # and diffusers loads the exported folder as it is, in float32
     (source / "recipe.json").unlink()
-    assert main(["export", str(source), "--out", str(tmp_path / "half")]) == 0
+    assert main(["export", str(source), "--out", str(tmp_path / "half"), "--overwrite"]) == 0
     assert not (tmp_path / "half" / "recipe.json").exists(), "a stale record of another model stays behind"
     assert main(["export", str(source), "--out", str(source)]) == 2
     assert "--out must differ from the model folder" in capsys.readouterr().err

@@ -40,3 +40,24 @@ def test_threads_sharing_a_pipeline_get_the_images_they_get_one_after_another(ti
     for (i, _), images in results.items():
         np.testing.assert_array_equal(images, alone[i])
     assert tiny_pipe.scheduler.num_inference_steps is None  # the pipeline's own scheduler is never stepped
+
+
+# Nothing replaced without asking -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["new-model", "export"])
+def test_writing_a_model_over_an_existing_folder_needs_overwrite(command, tiny_dir, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    out = tmp_path / "trained"
+    assert main(["new-model", "--preset", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    (out / "notes.txt").write_text("mine")
+    weights = {p: p.read_bytes() for p in out.rglob("*.safetensors")}
+    args = ["new-model", "--preset", "tiny"] if command == "new-model" else ["export", str(tiny_dir)]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*.safetensors")} == weights
+    assert main([*args, "--out", str(out), "--overwrite"]) == 0
+    assert {p: p.read_bytes() for p in out.rglob("*.safetensors")} != weights
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces the model, not the user's files
+    assert main([*args, "--out", str(out / "notes.txt")]) == 2
+    assert "--out must be a folder" in capsys.readouterr().err
