@@ -33,18 +33,112 @@ from .trainer import hardware
 STAGES = ("data", "clip", "vae", "unet", "decoder", "eval")
 
 
+# Keys a section may hold, and the flags run-recipe itself gives each stage: its inputs and outputs, which a recipe
+# may not redirect (a recipe's outputs stay inside --out). Abbreviations of them are refused too (argparse takes
+# `--output` for `--output-dir`).
+STAGE_KEYS = {"data": {"kind", "args", "path"}, **{s: {"args", "gates"} for s in STAGES if s != "data"}}
+RESERVED_FLAGS = {
+    "data": ("--out", "--overwrite"),
+    "clip": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
+    "vae": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
+    "decoder": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint", "--finetune-decoder"),
+    "unet": ("--data", "--output-dir", "--model-dir", "--model", "--resume-from-checkpoint", "--cache-dir"),
+    "eval": ("--model", "--prompts", "--out"),
+}
+DATA_KINDS = ("shapes", "emoji", "folder")
+
+
 def load_recipe(path: str | Path) -> dict:
+    """Read and check a whole recipe before any stage runs: sections, keys, value types, gates, and every stage's
+    flags (parsed by the stage's own parser). A `[data] path` is resolved against the recipe file's folder."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe must be a TOML file, got {str(path)!r}")
-    recipe = tomllib.loads(path.read_text())
+    try:
+        recipe = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"recipe {path}: not valid TOML: {error}") from None
     unknown = set(recipe) - set(STAGES) - {"name", "description"}
     if unknown:
         raise ValueError(f"recipe {path}: unknown sections {sorted(unknown)}; sections are {list(STAGES)}")
-    if recipe.get("data", {}).get("kind") not in ("shapes", "emoji", "folder"):
-        raise ValueError(f"recipe {path}: [data] kind must be 'shapes', 'emoji' or 'folder'")
+    for key in ("name", "description"):
+        if key in recipe and not isinstance(recipe[key], str):
+            raise ValueError(f"recipe {path}: {key} must be a string, got {recipe[key]!r}")
+    if "data" not in recipe:
+        raise ValueError(f"recipe {path}: a [data] section is required")
+    for stage in STAGES:
+        if stage not in recipe:
+            continue
+        section = recipe[stage]
+        if not isinstance(section, dict):
+            raise ValueError(f"recipe {path}: {stage} must be a [{stage}] table, got {section!r}")
+        extra = set(section) - STAGE_KEYS[stage]
+        if extra:
+            raise ValueError(f"recipe {path}: [{stage}] unknown keys {sorted(extra)}; its keys are "
+                             f"{sorted(STAGE_KEYS[stage])}")
+        args = section.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ValueError(f"recipe {path}: [{stage}] args must be a list of strings (each flag and value "
+                             f"quoted), got {args!r}")
+    data = recipe["data"]
+    if data.get("kind") not in DATA_KINDS:
+        raise ValueError(f"recipe {path}: [data] kind must be one of {list(DATA_KINDS)}, got {data.get('kind')!r}")
+    if data["kind"] == "folder":
+        if not isinstance(data.get("path"), str) or not data["path"]:
+            raise ValueError(f"recipe {path}: [data] kind = \"folder\" needs path = \"DIR\" (the data set; relative "
+                             f"to the recipe file), got {data.get('path')!r}")
+        folder = (path.parent / data["path"]).resolve()
+        if not folder.is_dir():
+            raise ValueError(f"recipe {path}: [data] path {data['path']!r} is not a folder (looked for {folder})")
+        recipe["data"] = {**data, "path": str(folder)}
+    elif "path" in data:
+        raise ValueError(f"recipe {path}: [data] path is only for kind = \"folder\"; kind {data['kind']!r} writes "
+                         "its data set into OUT/data")
     _validate_gates(path, recipe)
+    for stage in STAGES:
+        if stage in recipe:
+            _check_stage_args(path, stage, recipe)
     return recipe
+
+
+def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
+    """The stage's args parse with its own parser, and set none of the flags run-recipe sets."""
+    import contextlib
+    import io
+
+    args = recipe[stage].get("args", [])
+    for token in args:
+        flag = token.split("=", 1)[0]
+        if len(flag) > 2 and flag.startswith("--"):
+            hit = [f for f in RESERVED_FLAGS[stage] if f.startswith(flag)]
+            if hit:
+                raise ValueError(f"recipe {path}: [{stage}] args may not set {hit[0]} ({token!r}): run-recipe sets "
+                                 "it, so that a recipe reads and writes only inside --out")
+    if stage == "data":
+        if recipe["data"]["kind"] == "folder":
+            if args:
+                raise ValueError(f"recipe {path}: [data] args are for the built-in data sets, not kind = \"folder\"")
+            return
+        from .cli import build_parser
+
+        parser, argv = build_parser(), ["data", recipe["data"]["kind"], "--out", "OUT", *args]
+    elif stage == "eval":
+        from .eval_job import build_parser
+
+        parser, argv = build_parser(), ["--prompts", "DATA", "--out", "OUT", *args]
+    else:
+        from . import clip_training, unet_training, vae_training
+
+        module = {"clip": clip_training, "vae": vae_training, "decoder": vae_training, "unet": unet_training}[stage]
+        parser = module.build_parser()
+        argv = ["--data", "DATA", "--output-dir", "OUT", *(["--model", "MODEL"] if stage == "unet" else []), *args]
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            parser.parse_args(argv)
+    except SystemExit:
+        reason = messages.getvalue().strip().splitlines()[-1:] or ["bad arguments"]
+        raise ValueError(f"recipe {path}: [{stage}] args: {reason[0].split(': error: ', 1)[-1]}") from None
 
 
 class GateMissed(RuntimeError):
