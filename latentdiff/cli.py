@@ -6,82 +6,72 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import __version__, argparsing
+from .argparsing import guidance, positive_int, seed
 from .schedulers import SCHEDULER_NAMES
 
 STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 PROVENANCE_FILES = ("recipe.json",)
 
 
-def _positive_int(text: str) -> int:
-    if not text.lstrip("+").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text!r}")
-    return int(text)
-
-
-def _guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparsing.parser("latentdiff", __doc__)
+    parser.add_argument("--version", action="version", version=f"latentdiff {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (anywhere on "
+                        "the command line)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=argparsing.ArgumentParser)
+    sub = lambda name, **kw: commands.add_parser(name, formatter_class=argparsing.HelpFormatter, **kw)  # noqa: E731
 
-    gen = commands.add_parser("generate", help="generate an image (a grid when --num-images > 1) from a prompt")
-    gen.add_argument("prompt")
+    gen = sub("generate", help="generate an image (a grid when --num-images > 1) from a prompt")
+    gen.add_argument("prompt", help="what the image should show")
     gen.add_argument("--model", default=None, help="model folder, or a shipped model's name: emoji (the default) "
                                                   "or shapes")
-    gen.add_argument("--out", default="image.png", help="PNG to write (default: image.png)")
-    gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default: 25)")
-    gen.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance s (default: 7.5)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-images", type=_positive_int, default=1)
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--out", default="image.png", help="image file to write; its extension picks the format")
+    gen.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default: 25)")
+    gen.add_argument("--guidance-scale", type=guidance, default=7.5, help="classifier-free guidance s (default: 7.5)")
+    gen.add_argument("--seed", type=seed, default=0, help="seed of the initial noise")
+    gen.add_argument("--num-images", type=positive_int, default=1, help="images of the prompt, written as one grid")
+    gen.add_argument("--negative-prompt", default=None, help="text to steer away from (default: none, the empty prompt)")
     gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the model's own")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's native size)")
+    gen.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's native size)")
 
-    data = commands.add_parser("data", help="write a built-in data set as a `datasets` imagefolder")
+    data = sub("data", help="write a built-in data set as a `datasets` imagefolder")
     kinds = data.add_subparsers(dest="kind", required=True)
-    shapes = kinds.add_parser("shapes", help="procedural shapes scenes with ground truth (for the oracle)")
-    shapes.add_argument("--n", type=_positive_int, default=20000, help="number of scenes (default: 20000)")
-    shapes.add_argument("--size", type=_positive_int, default=64, help="image side, 16 to 512 (default: 64)")
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--out", required=True)
+    shapes = kinds.add_parser("shapes", formatter_class=argparsing.HelpFormatter, help="procedural shapes scenes with ground truth (for the oracle)")
+    shapes.add_argument("--n", type=positive_int, default=20000, help="number of scenes (default: 20000)")
+    shapes.add_argument("--size", type=positive_int, default=64, help="image side, 16 to 512 (default: 64)")
+    shapes.add_argument("--seed", type=seed, default=0, help="seed of the scenes")
+    shapes.add_argument("--out", required=True, help="folder to write the data set into")
     shapes.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
     held = shapes.add_mutually_exclusive_group()
     held.add_argument("--holdout", default=None, metavar="PAIRS",
                       help="colour-shape pairs no training scene or caption may hold, e.g. 'red circle,blue star'")
     held.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
                       help="hold out this fraction of the 48 colour-shape pairs, chosen by --holdout-seed")
-    shapes.add_argument("--holdout-seed", type=int, default=0, help="seed of the --holdout-fraction draw (default: 0)")
-    shapes.add_argument("--unseen-prompts", type=_positive_int, default=600,
+    shapes.add_argument("--holdout-seed", type=seed, default=0, help="seed of the --holdout-fraction draw (default: 0)")
+    shapes.add_argument("--unseen-prompts", type=positive_int, default=600,
                         help="evaluation prompts with held-out pairs, written to OUT/unseen.jsonl (default: 600)")
-    emoji = kinds.add_parser("emoji", help="every emoji the colour font can draw, captioned with its names")
-    emoji.add_argument("--size", type=_positive_int, default=64, help="image side (default: 64)")
-    emoji.add_argument("--out", required=True)
+    emoji = kinds.add_parser("emoji", formatter_class=argparsing.HelpFormatter, help="every emoji the colour font can draw, captioned with its names")
+    emoji.add_argument("--size", type=positive_int, default=64, help="image side (default: 64)")
+    emoji.add_argument("--out", required=True, help="folder to write the data set into")
     emoji.add_argument("--font", default=None, help="colour emoji font (default: Noto Color Emoji from the OS)")
     emoji.add_argument("--background", default=None,
                        help="a colour name or 'random' (default: white, not mentioned in captions)")
     emoji.add_argument("--random-placement", action="store_true", help="random size and position, captioned")
-    emoji.add_argument("--per-emoji", type=_positive_int, default=1, help="images per emoji (default: 1)")
-    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--per-emoji", type=positive_int, default=1, help="images per emoji (default: 1)")
+    emoji.add_argument("--seed", type=seed, default=0, help="seed of backgrounds and placement")
     emoji.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
 
-    commands.add_parser("eval", help="evaluate a model (CLIP score, FD, oracle accuracy) over guidance scales",
+    sub("eval", help="evaluate a model (CLIP score, FD, oracle accuracy) over guidance scales",
                         add_help=False)
 
-    recipe = commands.add_parser("run-recipe", help="run (or finish) a training recipe from pipelines/")
+    recipe = sub("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
     recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,eval")
 
-    export = commands.add_parser("export", help="copy a model folder with its weights stored in another precision")
+    export = sub("export", help="copy a model folder with its weights stored in another precision")
     export.add_argument("model", help="model folder to copy")
     export.add_argument("--out", required=True, help="folder to write (e.g. latentdiff/assets/default-model)")
     export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
@@ -93,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing --out folder (its other files are kept)")
 
-    new = commands.add_parser("new-model", help="write an untrained model folder from a preset")
+    new = sub("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
     new.add_argument("--out", required=True, help="folder to write")
-    new.add_argument("--seed", type=int, default=0)
+    new.add_argument("--seed", type=seed, default=0, help="seed of the initial weights")
     new.add_argument("--overwrite", action="store_true",
                      help="replace the model in an existing --out folder (its other files are kept)")
     return parser
@@ -109,16 +99,35 @@ def generate(args) -> Path:
     from .pipeline import LatentDiffusionPipeline
     from .schedulers import scheduler_from_name
 
+    out = Path(args.out)
+    check_image_out(out)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                   height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed)).images
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (image_grid(images) if len(images) > 1 else images[0]).save(out)
     return out
+
+
+def check_image_out(out: Path) -> None:
+    """Refuse an --out that cannot take an image before any work is done."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise ValueError(f"--out must be an image file, got the folder {str(out)!r}")
+    extensions = Image.registered_extensions()
+    if extensions.get(out.suffix.lower()) not in Image.SAVE:
+        writable = sorted(e for e, f in extensions.items() if f in ("PNG", "JPEG", "WEBP"))
+        raise ValueError(f"--out must end in an image extension PIL can write, e.g. {', '.join(writable)}; got "
+                         f"{str(out)!r}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {str(out)!r} lies under {str(parent)!r}, which is a file")
+            break
 
 
 def make_data(args) -> str:
@@ -220,45 +229,71 @@ def new_model(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; an error is one line on stderr naming what was wrong (exit 2; 3: a recipe gate missed;
+    130: interrupted), with the traceback only under --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"latentdiff {command}: interrupted".replace("  ", " "), file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure reaches the user as one line
+        if debug:
+            raise
+        from .recipes import GateMissed
+
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (ValueError, TypeError, OSError, ArithmeticError, GateMissed)):
+            message = f"{type(error).__name__}: {message} (run again with --debug for the traceback)"
+        print(f"latentdiff {command}: error: {message}", file=sys.stderr)
+        return 3 if isinstance(error, GateMissed) else 2
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:  # its flags belong to latentdiff.eval_job, which training/evaluate.py runs too
         from .eval_job import main as eval_main
 
-        try:
-            report = eval_main(argv[1:])
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            print(f"latentdiff eval: error: {error}", file=sys.stderr)
-            return 2
+        quiet_libraries()
+        report = eval_main(argv[1:], prog="latentdiff eval")
         if report is not None:
             print(f"wrote report.json, report.csv, sweep.png and grids to {report['out']}")
         return 0
     args = build_parser().parse_args(argv)
+    quiet_libraries()
+    if args.command == "generate":
+        print(f"wrote {generate(args)}")
+    elif args.command == "run-recipe":
+        from .recipes import run_recipe
+
+        records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
+        print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")
+    elif args.command == "data":
+        print(make_data(args))
+    elif args.command == "export":
+        out, size = export_model(args)
+        print(f"wrote {out} ({size / 2**20:.1f} MiB of {args.dtype} weights)")
+    elif args.command == "new-model":
+        print(f"wrote an untrained model to {new_model(args)}")
+    return 0
+
+
+def quiet_libraries() -> None:
+    """What a CLI user should not see: the libraries' per-file loading bars ("Loading weights", "Loading
+    checkpoint shards") and their notices about local files ("Downloading data" for a local folder). Their
+    warnings still show; latentdiff's own progress bars (sampling, evaluation) stay."""
+    import datasets
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # per-file "Loading weights" bars say nothing to a CLI user
-    try:
-        if args.command == "generate":
-            print(f"wrote {generate(args)}")
-        elif args.command == "run-recipe":
-            from .recipes import GateMissed, run_recipe
-
-            try:
-                records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
-            except GateMissed as error:
-                print(f"latentdiff run-recipe: {error}", file=sys.stderr)
-                return 3
-            print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")
-        elif args.command == "data":
-            print(make_data(args))
-        elif args.command == "export":
-            out, size = export_model(args)
-            print(f"wrote {out} ({size / 2**20:.1f} MiB of {args.dtype} weights)")
-        elif args.command == "new-model":
-            print(f"wrote an untrained model to {new_model(args)}")
-    except (ValueError, TypeError, FileNotFoundError) as error:  # bad input: a message, not a traceback
-        print(f"latentdiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from . import trainer
+from . import argparsing, trainer
 from .data.loader import readable_batches
 from .evaluation import two_way_retrieval
 from .model_folder import write_component
@@ -160,14 +160,15 @@ def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, model_dir: Path) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparsing.parser(None, __doc__)
     parser.add_argument("--preset", default="small", help="architecture: tiny, small, base or a JSON file")
     parser.add_argument("--model-dir", default=None, help="where the parts go (default: OUTPUT_DIR/model)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder to use instead of training one")
     parser.add_argument("--hard-negatives", type=int, default=0, metavar="K",
                         help="hard-negative captions per image (shapes vocabulary: swapped bindings, opposite "
                              "relations, replaced attributes), scored against the image beside its own caption (0: off)")
-    parser.add_argument("--hard-negative-weight", type=float, default=1.0)
+    parser.add_argument("--hard-negative-weight", type=float, default=1.0,
+                        help="weight of the hard-negative loss beside the batch contrastive loss")
     trainer.add_common_args(parser, lr=5e-4, batch_size=64, max_steps=2000)
     return parser
 

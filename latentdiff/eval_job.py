@@ -23,27 +23,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import argparsing
 from . import evaluation as ev
 from .images import image_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparsing.parser(prog, __doc__)
     parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--prompts", required=True, help=".txt, .jsonl/.csv with a text column, or a data set folder")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--judge", default=None, help="CLIP folder or open_clip:ARCH:CHECKPOINT (default: MODEL/clip)")
     parser.add_argument("--reference", default=None, help="real images for FD (default: the prompts' data set)")
-    parser.add_argument("--guidance-scales", default="1,2,4,7.5")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None)
+    parser.add_argument("--guidance-scales", default="1,2,4,7.5", help="comma-separated guidance scales to sweep")
+    parser.add_argument("--steps", type=argparsing.positive_int, default=25, help="sampling steps per image")
+    parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None,
+                        help="sampler (default: the model's own)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="the networks' precision while generating (the judge always runs in fp32)")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images-per-prompt", type=argparsing.positive_int, default=4, help="images per prompt and scale")
+    parser.add_argument("--seed", type=argparsing.seed, default=0, help="base seed; each image has its own, derived from it")
+    parser.add_argument("--batch-size", type=argparsing.positive_int, default=16, help="images generated per pipeline call")
     parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
     parser.add_argument("--sample-prompts", type=int, default=None,
                         help="evaluate N prompts spread evenly over the list (after --max-prompts; deterministic)")
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diversity", type=int, default=0, metavar="N",
                         help="shapes: for N prompts that leave positions free (counts, relations), generate "
                              "--diversity-seeds images each and count the distinct layouts the oracle reads (0: off)")
-    parser.add_argument("--diversity-seeds", type=int, default=8)
+    parser.add_argument("--diversity-seeds", type=argparsing.positive_int, default=8, help="seeds per --diversity prompt")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
     parser.add_argument("--inception-weights", default=None,
                         help="Inception-v3 weights file: also report classic FID (needs torch-fidelity)")
@@ -322,7 +324,7 @@ def write_tables(out: Path, report: dict, per_image: list[dict] | None = None) -
     sweep_plot(rows, out / "sweep.png")
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from .pipeline import LatentDiffusionPipeline
     from .schedulers import scheduler_from_name
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     scales = check_args(args)
     state = PartialState(cpu=not torch.cuda.is_available())
     prompts, dataset = ev.load_prompts(args.prompts)

@@ -111,6 +111,7 @@ def check_weights(folder: Path) -> None:
         raise ModelFolderError(f"incomplete model folder: {folder / 'config.json'} is missing")
     files = [p for p in folder.iterdir() if p.is_file()]
     if any(p.name.endswith((".safetensors", ".safetensors.index.json")) for p in files):
+        check_safetensors(folder)
         return
     pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
     if pickles:
@@ -122,29 +123,83 @@ def check_weights(folder: Path) -> None:
     raise ModelFolderError(f"incomplete model folder: {folder} has no *.safetensors weights")
 
 
+def check_safetensors(folder: Path) -> None:
+    """Every *.safetensors file of the folder has a whole header and the data it declares (a truncated, empty or
+    foreign file is named here, not in a loader's traceback), and every shard an index names is there."""
+    from safetensors import SafetensorError, safe_open
+
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelFolderError(f"damaged weights index {index}: {error}") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ModelFolderError(f"incomplete model folder: {index} names {folder / missing[0]}, which is missing")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelFolderError(f"damaged weights file {path} ({path.stat().st_size} bytes): {error}. It is "
+                                   "truncated or not a safetensors file; write it again (training's --model-dir, "
+                                   "`latentdiff export`) or copy it again") from None
+
+
+def check_finite(module, folder: Path) -> None:
+    """Raise ModelFolderError naming the weights file that holds a NaN or infinite value (damaged bytes inside a
+    well-formed file load without complaint, and would sample black images)."""
+    import torch
+
+    bad = next((name for name, t in module.state_dict().items()
+                if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is None:
+        return
+    from safetensors import safe_open
+
+    where = [p for p in sorted(folder.glob("*.safetensors")) if any(
+        k == bad or bad.endswith("." + k) or k.endswith("." + bad) for k in safe_open(str(p), "pt").keys())]
+    raise ModelFolderError(f"damaged weights file {where[0] if where else folder}: tensor {bad!r} holds NaN or "
+                           "infinite values; write the file again or copy it again")
+
+
 def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
-    """Every component of the folder (plus `clip` when `clip/` is there), loaded from safetensors."""
+    """Every component of the folder (plus `clip` when `clip/` is there), loaded from safetensors, each checked
+    for damaged files and non-finite weights."""
     import torch
 
     dtype = dtype or torch.float32
     kw = dict(use_safetensors=True, variant=variant)
-    components = {
-        "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw),
-        "vae": AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw),
-        "unet": UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw),
-        "scheduler": load_scheduler(root / "scheduler"),
-        "clip": None,
+    loaders = {
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw),
+        "vae": lambda: AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw),
+        "scheduler": lambda: load_scheduler(root / "scheduler"),
     }
     if (root / "clip" / "config.json").is_file():
         check_weights(root / "clip")
-        components["clip"] = CLIPModel.from_pretrained(root / "clip", dtype=dtype, **kw)
+        loaders["clip"] = lambda: CLIPModel.from_pretrained(root / "clip", dtype=dtype, **kw)
+    components = {"clip": None}
+    for name, load in loaders.items():
+        try:
+            components[name] = load()
+        except ModelFolderError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as error:  # configs and tokenizer files read by others
+            raise ModelFolderError(f"cannot load {root / name}: {type(error).__name__}: {error}") from error
+        if isinstance(components[name], torch.nn.Module):
+            check_finite(components[name], root / name)
     return components
 
 
 def load_scheduler(folder: Path) -> SchedulerMixin:
     """Our DDPM/DDIM for those class names (same configs, same results as diffusers'), else diffusers' own class."""
-    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "DDIMScheduler")
+    try:
+        config = json.loads((folder / "scheduler_config.json").read_text())
+        name = config.get("_class_name", "DDIMScheduler")
+    except (ValueError, AttributeError) as error:
+        raise ModelFolderError(f"damaged {folder / 'scheduler_config.json'}: not a JSON object ({error})") from None
     try:
         cls = scheduler_class(name)
     except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -24,6 +25,7 @@ from .tracing import TracedCall
 
 logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SIZE_FACTOR = 8  # height and width up to 8× the model's native size: beyond, memory, not quality, is the limit
 
 
 class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -66,10 +68,18 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
 
     def to(self, *args, **kwargs) -> "LatentDiffusionPipeline":
         """DiffusionPipeline.to (device and/or dtype), then the attention that suits the new dtype and device."""
-        super().to(*args, **kwargs)
+        # diffusers warns about modules "that should be kept in float32: []" on every dtype cast, the list empty
+        with _without_log_records("diffusers.models.modeling_utils", "should be kept in float32: []"):
+            super().to(*args, **kwargs)
         for model in (self.unet, self.vae):
             attention.fit(model)
         return self
+
+    def load_lora_weights(self, *args, **kwargs) -> None:
+        """StableDiffusionLoraLoaderMixin.load_lora_weights, without the warning that a U-Net-only LoRA (what
+        `train_unet.py --lora-rank` writes) has no text-encoder keys."""
+        with _without_log_records("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"):
+            super().load_lora_weights(*args, **kwargs)
 
     # Loading and saving ------------------------------------------------------------------------------------------
 
@@ -128,6 +138,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                     target / name, lambda folder, c=component: c.save_pretrained(folder, max_shard_size=max_shard_size))
         model_folder.write_model_index(target, self.scheduler)
 
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) the model was built for: the U-Net's sample size × the VAE's factor."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
     # Generation --------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -154,11 +171,19 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     def check_inputs(self, prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
                      guidance_rescale, eta, num_images_per_prompt, output_type, generator, latents) -> list[str] | None:
         """Validate the arguments of __call__; return the negative prompts as a list (or None)."""
-        for name, value in (("height", height), ("width", width)):
+        for name, value, native in (("height", height, self.native_size[0]), ("width", width, self.native_size[1])):
             if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
                                  f"downsampling factor), got {value!r}")
+            if value > MAX_SIZE_FACTOR * native:
+                raise ValueError(f"{name} must be at most {MAX_SIZE_FACTOR * native} ({MAX_SIZE_FACTOR} × the "
+                                 f"model's native {native} px; the U-Net's attention memory grows with the fourth "
+                                 f"power of the side), got {value!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
+        train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train_steps is not None and num_inference_steps > train_steps:
+            raise ValueError(f"num_inference_steps must be at most {train_steps} (the scheduler's "
+                             f"num_train_timesteps), got {num_inference_steps!r}")
         _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -170,13 +195,24 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         total = len(prompts) * num_images_per_prompt
+        generators = generator if isinstance(generator, list) else [generator]
+        bad = next((g for g in generators if g is not None and not isinstance(g, torch.Generator)), None)
+        if bad is not None or generator is not None and not generators:
+            raise TypeError(f"generator must be a torch.Generator or a list of them (e.g. "
+                            f"torch.Generator().manual_seed(5)), got {type(bad).__name__}: {bad!r}")
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(f"generator list must have one generator per image ({len(prompts)} prompts × "
                              f"{num_images_per_prompt} images = {total}), got {len(generator)}")
         shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor (torch.from_numpy(array) for a numpy array), "
+                            f"got {type(latents).__name__}")
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for these prompts, height and width, "
                              f"got {tuple(latents.shape)}")
+        if (height, width) != self.native_size:
+            logger.warning("%dx%d is not the model's native %dx%d: a model trained at one size tends to repeat or "
+                           "stretch objects at another", width, height, *self.native_size[::-1])
         if negative_prompt is None:
             return None
         negatives = _as_prompt_list("negative_prompt", negative_prompt)
@@ -219,9 +255,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         The progress bar is turned off with `pipe.set_progress_bar_config(disable=True)`.
         """
         prompts = _as_prompt_list("prompt", prompt)
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height = default_size if height is None else height
-        width = default_size if width is None else width
+        height = self.native_size[0] if height is None else height
+        width = self.native_size[1] if width is None else width
         negatives = self.check_inputs(prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                       guidance_rescale, eta, num_images_per_prompt, output_type, generator, latents)
         device = self._execution_device
@@ -248,13 +283,14 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         # 3. Denoise: one U-Net call per step on [uncond; cond] when guiding.
         unet, unet_dtype = self._traced_unet.bind(self.unet, trace=self.use_tracing), self.unet.dtype
         passes = int(run_uncond) + int(run_cond)
-        for t in self.progress_bar(scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
             model_input = scheduler.scale_model_input(torch.cat([latents] * passes), t)
             output = unet(model_input.to(unet_dtype), t, embeds).float()
             if passes == 2:
                 uncond, cond = output.chunk(2)
                 output = diffusion.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
             latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+            _check_finite(latents, f"the latents after step {i + 1} of {num_inference_steps}", guidance_scale)
 
         # 4. Decode z_0 → image.
         if output_type == "latent":
@@ -262,6 +298,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         else:
             decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing)
             decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
+            _check_finite(decoded, "the decoded images", guidance_scale)
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
@@ -273,6 +310,27 @@ def _unet_forward(unet, sample, timestep, hidden_states):
 
 def _vae_decode(vae, latents):
     return vae.decode(latents, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def _without_log_records(logger_name: str, text: str):
+    """Drop one library's log records that contain `text`, for the duration of the block."""
+    drop = lambda record: text not in record.getMessage()  # noqa: E731
+    target = logging.getLogger(logger_name)
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
+def _check_finite(tensor: torch.Tensor, what: str, guidance_scale: float) -> None:
+    """Sampling that overflows raises here, instead of writing a black or noisy image."""
+    if torch.isfinite(tensor).all():
+        return
+    cause = (f"guidance_scale={guidance_scale:g} amplifies the guidance difference past float range"
+             if guidance_scale > 100 else "the weights or the given latents give NaN/inf (a damaged weights file?)")
+    raise FloatingPointError(f"sampling failed: {what} hold NaN or infinite values; {cause}")
 
 
 def _as_prompt_list(name: str, value) -> list[str]:

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from . import argparsing
 from .data.loader import ImageCaptionDataset, collate, open_dataset
 
 logger = logging.getLogger(__name__)
@@ -40,33 +41,36 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, batch_size: int,
     """Flags every training script takes (run settings; the architecture comes from a preset or a model folder)."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=True, help="imagefolder, save_to_disk folder, or data set name (online)")
-    group.add_argument("--image-column", default=None)
-    group.add_argument("--caption-column", default=None)
+    group.add_argument("--image-column", default=None, help="the image column (default: found by name)")
+    group.add_argument("--caption-column", default=None, help="the caption column (default: found by name)")
     group.add_argument("--resolution", type=int, default=None, help="default: the preset's / model's")
-    group.add_argument("--random-crop", action="store_true")
+    group.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
     group.add_argument("--random-flip", action="store_true", help="off by default: captions say left and right")
     group.add_argument("--holdout", type=int, default=64, help="images held out for evaluation (default: 64)")
-    group.add_argument("--num-workers", type=int, default=0)
+    group.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--max-steps", type=int, default=max_steps, help=f"optimizer steps (default: {max_steps})")
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"per process (default: {batch_size})")
-    group.add_argument("--learning-rate", type=float, default=lr)
-    group.add_argument("--lr-scheduler", choices=("cosine", "constant"), default="cosine")
-    group.add_argument("--lr-warmup-steps", type=int, default=100)
-    group.add_argument("--weight-decay", type=float, default=0.01)
-    group.add_argument("--max-grad-norm", type=float, default=1.0)
-    group.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    group.add_argument("--gradient-checkpointing", action="store_true")
+    group.add_argument("--learning-rate", type=float, default=lr, help="peak AdamW learning rate")
+    group.add_argument("--lr-scheduler", choices=("cosine", "constant"), default="cosine",
+                       help="after warm-up: cosine decay to 0 at --max-steps, or constant")
+    group.add_argument("--lr-warmup-steps", type=int, default=100, help="linear warm-up steps")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    group.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                       help="batches per optimizer step")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, slower")
     group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                        help="default: what `accelerate launch` / accelerate config says, else no")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=argparsing.seed, default=0, help="seed of initial weights, data order and noise")
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, samples")
-    group.add_argument("--checkpointing-steps", type=int, default=500)
-    group.add_argument("--checkpoints-total-limit", type=int, default=3)
+    group.add_argument("--checkpointing-steps", type=int, default=500, help="save a resumable checkpoint every N steps")
+    group.add_argument("--checkpoints-total-limit", type=int, default=3, help="checkpoints kept (older ones deleted)")
     group.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
     group.add_argument("--report-to", default="tensorboard", help="accelerate tracker, or 'none'")
-    group.add_argument("--log-every", type=int, default=10)
+    group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
 
 
 def check_args(args) -> None:

@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from . import diffusion, trainer
+from . import argparsing, diffusion, trainer
 from .clip_training import tokenize
 from .data.loader import item_generator, readable_batches
 from .images import image_grid
@@ -158,7 +158,7 @@ def diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, batch_si
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparsing.parser(None, __doc__)
     parser.add_argument("--model", required=True, help="folder with tokenizer/, text_encoder/, vae/ (and unet/ to fine-tune)")
     parser.add_argument("--preset", default=None, help="U-Net architecture when --model has no unet/")
     parser.add_argument("--model-dir", default=None, help="where the pipeline goes (default: OUTPUT_DIR/model)")
@@ -167,14 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: the model's scheduler config")
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to '' (default: 0.1)")
     parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5)")
-    parser.add_argument("--noise-offset", type=float, default=0.0)
-    parser.add_argument("--use-ema", action="store_true")
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--cache-latents", action="store_true")
+    parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise strength (0: off)")
+    parser.add_argument("--use-ema", action="store_true", help="keep an exponential moving average of the weights; it is what gets saved")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    parser.add_argument("--cache-latents", action="store_true",
+                        help="encode images and captions once and train on the cached latents and text states")
     parser.add_argument("--cache-dir", default=None, help="default: ~/.cache/latentdiff")
     parser.add_argument("--validation-steps", type=int, default=0, help="sample every N steps (0: only at the end)")
-    parser.add_argument("--validation-prompts", nargs="+", default=DEFAULT_PROMPTS)
-    parser.add_argument("--validation-guidance", type=float, nargs=2, default=(1.0, 7.5))
+    parser.add_argument("--validation-prompts", nargs="+", default=DEFAULT_PROMPTS, help="prompts of the sample grids")
+    parser.add_argument("--validation-guidance", type=float, nargs=2, default=(1.0, 7.5),
+                        help="the two guidance scales of the sample grids")
     trainer.add_common_args(parser, lr=2e-4, batch_size=32, max_steps=5000)
     return parser
 

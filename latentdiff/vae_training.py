@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import trainer
+from . import argparsing, trainer
 from .data.loader import readable_batches
 from .images import image_grid
 from .model_folder import check_weights, write_component
@@ -193,13 +193,13 @@ def load_vae_to_finetune(folder: Path) -> nn.Module:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
+    parser = argparsing.parser(None, __doc__)
+    parser.add_argument("--preset", default="small", help="architecture: tiny, small, base or a JSON file")
     parser.add_argument("--model-dir", default=None, help="where vae/ goes; its clip/ serves the perceptual loss")
-    parser.add_argument("--reconstruction-loss", choices=("l1", "l2"), default="l1")
+    parser.add_argument("--reconstruction-loss", choices=("l1", "l2"), default="l1", help="pixel loss")
     parser.add_argument("--foreground-weight", type=float, default=1.0,
                         help="loss weight of pixels apart from the image's border colour (1: plain mean)")
-    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term on the latents")
     parser.add_argument("--perceptual-weight", type=float, default=0.0, help="needs MODEL_DIR/clip (0: off)")
     parser.add_argument("--disc-weight", type=float, default=0.0, help="PatchGAN weight (0: off)")
     parser.add_argument("--disc-start", type=int, default=1000, help="first step of the adversarial term")

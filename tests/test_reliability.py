@@ -120,3 +120,221 @@ def test_a_recipe_cannot_replace_a_data_set_outside_its_out_folder(tmp_path, cap
     recipe.write_text(f'[data]\nkind = "shapes"\nargs = ["--n", "5", "--size", "16", "--out", "{other}"]\n')
     assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert (other / "metadata.jsonl").read_text() == before
+
+
+# Bounded work, fast refusal ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "ddim", "ddpm"])
+def test_more_steps_than_the_training_timesteps_are_refused_at_once(tiny_pipe, scheduler):
+    from latentdiff.schedulers import scheduler_from_name
+
+    tiny_pipe.scheduler = scheduler_from_name(scheduler, tiny_pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"num_inference_steps must be at most 1000 \(the scheduler's "
+                                         r"num_train_timesteps\), got 10000000"):
+        tiny_pipe("a", num_inference_steps=10_000_000)
+
+
+@pytest.mark.parametrize("size", [{"height": 100000}, {"width": 100000, "height": 100000}, {"width": 264}])
+def test_sizes_beyond_eight_times_the_native_one_are_refused(tiny_pipe, size):
+    with pytest.raises(ValueError, match=r"(height|width) must be at most 256 \(8 × the model's native 32 px"):
+        tiny_pipe("a", num_inference_steps=2, **size)
+
+
+def test_another_size_than_the_native_one_warns(tiny_pipe, caplog):
+    tiny_pipe("a", num_inference_steps=2, height=64, width=64, output_type="latent")
+    assert "64x64 is not the model's native 32x32" in caplog.text
+    caplog.clear()
+    tiny_pipe("a", num_inference_steps=2, output_type="latent")
+    assert "native" not in caplog.text
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"generator": 5}, r"generator must be a torch.Generator or a list of them .*got int: 5"),
+    ({"generator": [torch.Generator(), "x"]}, r"generator must be a torch.Generator .*got str: 'x'"),
+    ({"latents": np.zeros((1, 4, 16, 16), np.float32)}, r"latents must be a torch.Tensor \(torch.from_numpy"),
+])
+def test_wrong_generator_and_latents_types_are_named(tiny_pipe, kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        tiny_pipe("a", num_inference_steps=2, **kwargs)
+
+
+def test_an_overflowing_guidance_scale_raises_instead_of_a_nan_image(tiny_pipe):
+    with pytest.raises(FloatingPointError, match=r"latents after step 1 of 3 hold NaN or infinite values; "
+                                                 r"guidance_scale=1e\+308"):
+        tiny_pipe("a", num_inference_steps=3, guidance_scale=1e308)
+
+
+# Damaged files -------------------------------------------------------------------------------------------------------
+
+def _damaged_copy(tiny_dir, tmp_path, damage):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(bytes(range(256)) * 8)
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "nan":  # a well-formed file whose tensor data went bad
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+        save_file(tensors, weights)
+    elif damage == "scheduler":
+        (model / "scheduler" / "scheduler_config.json").write_text("{not json")
+    return model, weights
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", r"damaged weights file .*unet/diffusion_pytorch_model.safetensors \(\d+ bytes\): .*truncated or not"),
+    ("garbage", r"damaged weights file .*unet/diffusion_pytorch_model.safetensors \(2048 bytes\)"),
+    ("empty", r"damaged weights file .*unet/diffusion_pytorch_model.safetensors \(0 bytes\)"),
+    ("nan", r"damaged weights file .*unet/diffusion_pytorch_model.safetensors: tensor 'conv_in.weight' holds NaN"),
+    ("scheduler", r"damaged .*scheduler/scheduler_config.json: not a JSON object"),
+])
+def test_a_damaged_model_file_is_named_and_generate_exits_non_zero(damage, message, tiny_dir, tmp_path, capsys):
+    from latentdiff import LatentDiffusionPipeline, ModelFolderError
+    from latentdiff.cli import main
+
+    model, _ = _damaged_copy(tiny_dir, tmp_path, damage)
+    with pytest.raises(ModelFolderError, match=message) as caught:
+        LatentDiffusionPipeline.from_pretrained(model)
+    assert caught.value.__cause__ is None or "cannot load" not in str(caught.value)
+    out = tmp_path / "image.png"
+    assert main(["generate", "a", "--model", str(model), "--out", str(out), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and not out.exists()
+
+
+def test_non_finite_latents_during_sampling_raise_and_the_cli_writes_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Weights that are finite but overflow (damaged bytes can do that too) are caught while sampling."""
+    from latentdiff import LatentDiffusionPipeline
+    from latentdiff.cli import main
+
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(3e38)
+    with pytest.raises(FloatingPointError, match=r"the latents after step 1 of 2 hold NaN or infinite values; "
+                                                 r"the weights or the given latents"):
+        pipe("a", num_inference_steps=2)
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pipe))
+    out = tmp_path / "image.png"
+    assert main(["generate", "a", "--out", str(out), "--steps", "2"]) != 0
+    assert "hold NaN or infinite values" in capsys.readouterr().err and not out.exists()
+
+
+# Errors and noise ----------------------------------------------------------------------------------------------------
+
+def _every_flag(parser, name):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, subparser in action.choices.items():
+                yield from _every_flag(subparser, f"{name} {sub}")
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield name, action, parser
+
+
+def test_every_flag_of_every_command_has_help_with_its_default():
+    from latentdiff import clip_training, cli, eval_job, unet_training, vae_training
+
+    parsers = [("latentdiff", cli.build_parser()), ("eval", eval_job.build_parser()),
+               ("train_clip", clip_training.build_parser()), ("train_vae", vae_training.build_parser()),
+               ("train_unet", unet_training.build_parser())]
+    flags = [f for name, p in parsers for f in _every_flag(p, name)]
+    assert len(flags) > 100
+    for name, action, parser in flags:
+        assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        shown = parser.formatter_class("x")._get_help_string(action)
+        if action.option_strings and action.nargs != 0 and action.default is not None:
+            assert "default" in shown, f"{name} {action.option_strings} does not state its default"
+
+
+def test_version_and_eval_help_name_latentdiff(capsys):
+    from latentdiff import __version__
+    from latentdiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"latentdiff {__version__}"
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert capsys.readouterr().out.startswith("usage: latentdiff eval")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "a", "--seed", str(10**23)], r"argument --seed: must be an integer in \[0, 2\*\*64 - 1\], got '1"),
+    (["generate", "a", "--seed", "-1"], r"argument --seed: must be an integer in \[0, 2\*\*64 - 1\]"),
+    (["generate", "a", "--steps", "1000000"], r"num_inference_steps must be at most 1000"),
+    (["generate", "a", "--height", "100000"], r"height must be at most 512 \(8 × the model's native 64 px"),
+    (["generate", "a", "--out", "{tmp}"], r"--out must be an image file, got the folder"),
+    (["generate", "a", "--out", "{tmp}/picture"], r"--out must end in an image extension PIL can write, e.g. .*\.png"),
+    (["generate", "a", "--model", "{tmp}/missing"], r"model folder '.*missing' does not exist"),
+    (["generate", "a", "--scheduler", "euler"], r"argument --scheduler: invalid choice: 'euler'"),
+    (["eval", "--prompts", "{tmp}/none.txt", "--out", "{tmp}/r", "--steps", "0"], r"argument --steps: must be an "
+                                                                                  r"integer ≥ 1"),
+    (["new-model", "--preset", "huge", "--out", "{tmp}/m"], r"preset"),
+    (["run-recipe", "{tmp}/none.toml", "--out", "{tmp}/r"], r"recipe must be a TOML file"),
+    (["data", "shapes", "--out", "{tmp}/d", "--size", "0"], r"argument --size: must be an integer ≥ 1"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2_and_no_traceback(argv, message, tmp_path, capsys):
+    import re
+    import time
+
+    from latentdiff.cli import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    started = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert err.startswith(f"latentdiff {argv[0]}")
+    assert time.perf_counter() - started < 20  # refused, not run (the shipped model loads in about a second)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from latentdiff.cli import main
+
+    with pytest.raises(ValueError, match="--out must be an image file"):
+        main(["generate", "a", "--out", str(tmp_path), "--debug"])
+
+
+def test_generate_and_eval_are_quiet_about_the_libraries_loading(tmp_path, capsys, caplog):
+    """No "Loading weights"/"Loading checkpoint shards" bars (the shipped model's weights are sharded), no
+    "kept in float32: []" warning on a dtype cast, no "Downloading data" for a local folder."""
+    from latentdiff.cli import main
+
+    assert main(["generate", "a tiger", "--out", str(tmp_path / "a.png"), "--steps", "2"]) == 0
+    assert main(["data", "shapes", "--n", "6", "--size", "64", "--out", str(tmp_path / "data")]) == 0
+    assert main(["eval", "--prompts", str(tmp_path / "data"), "--out", str(tmp_path / "eval"), "--steps", "2",
+                 "--guidance-scales", "7.5", "--images-per-prompt", "1", "--dtype", "bf16", "--bootstrap", "10"]) == 0
+    err = capsys.readouterr().err + caplog.text
+    for noise in ("Loading weights", "Loading checkpoint shards", "kept in float32", "Downloading data",
+                  "Generating train split"):
+        assert noise not in err
+
+
+def test_a_unet_only_lora_loads_without_the_text_encoder_warning(tiny_pipe, tiny_dir, tmp_path, caplog):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from latentdiff import LatentDiffusionPipeline
+
+    tiny_pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+    LatentDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(tiny_pipe.unet))
+    fresh = LatentDiffusionPipeline.from_pretrained(tiny_dir)
+    fresh.load_lora_weights(tmp_path)
+    assert "No LoRA keys" not in caplog.text
+    assert any("lora" in name for name, _ in fresh.unet.named_parameters())
