@@ -204,6 +204,72 @@ def _save_own_state(folder: Path, progress: Progress, ema) -> None:
         (folder / "ema.json").write_text(json.dumps(state))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: missing, truncated or garbage files."""
+
+
+def check_checkpoint(path: Path, ema, process_index: int = 0) -> None:
+    """Raise CheckpointError naming the first file of `path` that a resume could not use; warn loudly when only
+    the RNG state is missing or unreadable (the resume then runs, but its random draws differ)."""
+    from safetensors import SafetensorError, safe_open
+
+    def damaged(name: str, problem: str) -> CheckpointError:
+        earlier = sorted((c for c in path.parent.glob("checkpoint-*") if c.is_dir() and _step_of(c) < _step_of(path)),
+                         key=_step_of)
+        how = (f"resume from the previous one with --resume-from-checkpoint {earlier[-1]} (or move {path.name} out "
+               "of the way and use 'latest')" if earlier else
+               f"there is no earlier checkpoint: move {path} out of the way to start again")
+        return CheckpointError(f"checkpoint {path} cannot be resumed from: {name} {problem}; {how}")
+
+    if not path.is_dir() or not any(path.iterdir()):
+        raise damaged("the folder", "is empty" if path.is_dir() else "does not exist")
+    try:
+        Progress().load_state_dict(json.loads((path / "progress.json").read_text()))
+    except FileNotFoundError:
+        raise damaged("progress.json", "is missing") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise damaged("progress.json", f"is unreadable ({type(error).__name__}: {error})") from None
+    weights = sorted(path.glob("model*.safetensors")) + (
+        [path / "ema.safetensors"] if ema is not None else [])
+    if not any(p.name.startswith("model") for p in weights):
+        raise damaged("model.safetensors", "is missing (no model weights)")
+    for file in weights:
+        if not file.is_file():
+            raise damaged(file.name, "is missing (this run keeps an EMA of the weights)")
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise damaged(file.name, f"is truncated or not a safetensors file ({error})") from None
+    if ema is not None:
+        try:
+            json.loads((path / "ema.json").read_text())["decay"]
+        except FileNotFoundError:
+            raise damaged("ema.json", "is missing") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise damaged("ema.json", f"is unreadable ({type(error).__name__}: {error})") from None
+    for name in ("optimizer.bin", "scheduler.bin"):
+        found = sorted(path.glob(name.replace(".bin", "*.bin")))
+        if not found:
+            raise damaged(name, "is missing")
+        for file in found:
+            try:
+                torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 - whatever a damaged pickle raises
+                raise damaged(file.name, f"is unreadable ({type(error).__name__}: {str(error)[:200]})") from None
+    rng = path / f"random_states_{process_index}.pkl"
+    try:
+        torch.load(rng, map_location="cpu", weights_only=False)  # accelerate reads it so (numpy RNG state inside)
+    except Exception as error:  # noqa: BLE001
+        problem = "is missing" if not rng.exists() else f"is unreadable ({type(error).__name__})"
+        logger.warning("RESUME NOT EXACT: %s %s in checkpoint %s; resuming with fresh random states, so noise, "
+                       "timesteps and data augmentation differ from an uninterrupted run", rng.name, problem, path)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1]) if re.fullmatch(r"checkpoint-\d+", path.name) else 1 << 62
+
+
 def _load_own_state(folder: Path, progress: Progress, ema, device) -> None:
     progress.load_state_dict(json.loads((folder / "progress.json").read_text()))
     if ema is not None:
@@ -252,7 +318,12 @@ def resume(accelerator: Accelerator, args, progress: Progress, ema=None) -> bool
         path = Path(args.resume_from_checkpoint)
         if not path.is_dir():
             raise ValueError(f"--resume-from-checkpoint must be 'latest' or a checkpoint folder, got {str(path)!r}")
-    accelerator.load_state(str(path))
+    check_checkpoint(path, ema, accelerator.process_index)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # noqa: BLE001 - what check_checkpoint could not foresee (a model of another shape)
+        raise CheckpointError(f"checkpoint {path} cannot be resumed from: {type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]}") from error
     _load_own_state(path, progress, ema, accelerator.device)
     accelerator.print(f"resumed from {path} at step {progress.step}")
     return True

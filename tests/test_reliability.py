@@ -338,3 +338,77 @@ def test_a_unet_only_lora_loads_without_the_text_encoder_warning(tiny_pipe, tiny
     fresh.load_lora_weights(tmp_path)
     assert "No LoRA keys" not in caplog.text
     assert any("lora" in name for name, _ in fresh.unet.named_parameters())
+
+
+# Damaged checkpoints -------------------------------------------------------------------------------------------------
+
+def _toy_training(out, steps, resume=False):
+    """trainer.train on a one-layer model with EMA, checkpointing every 2 steps."""
+    import argparse
+
+    from diffusers.training_utils import EMAModel
+
+    from latentdiff import trainer
+
+    parser = argparse.ArgumentParser()
+    trainer.add_common_args(parser, lr=0.1, batch_size=2, max_steps=steps)
+    args = parser.parse_args(["--data", "unused", "--output-dir", str(out), "--checkpointing-steps", "2",
+                              "--lr-warmup-steps", "0", "--lr-scheduler", "constant", "--report-to", "none",
+                              "--checkpoints-total-limit", "5",
+                              *(["--resume-from-checkpoint", "latest"] if resume else [])])
+    accelerator = trainer.make_accelerator(args, "toy")
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    items = [{"x": torch.randn(3, generator=seeded(i)), "skipped": 0} for i in range(8)]
+    loader = torch.utils.data.DataLoader(items, batch_size=2, shuffle=True, generator=seeded(0),
+                                         collate_fn=lambda b: {"x": torch.stack([r["x"] for r in b]), "skipped": 0})
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader,
+                                                              trainer.make_lr_scheduler(optimizer, args))
+    ema = EMAModel(model.parameters(), decay=0.9)
+    noise = lambda: torch.randn(1).item()  # noqa: E731 - a draw from the global RNG, which a resume restores
+    trainer.train(accelerator, args, [model], optimizer, scheduler, loader,
+                  lambda batch: ((model(batch["x"]) - noise()).pow(2).mean(), {}), ema=ema)
+    return model.weight.detach().clone()
+
+
+DAMAGES = {
+    "empty folder": (lambda c: [f.unlink() for f in c.iterdir()], r"the folder is empty"),
+    "truncated weights": (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:60]),
+                          r"model.safetensors is truncated or not a safetensors file"),
+    "missing progress": (lambda c: (c / "progress.json").unlink(), r"progress.json is missing"),
+    "bad progress": (lambda c: (c / "progress.json").write_text('{"step": 4}'), r"progress.json is unreadable"),
+    "missing ema": (lambda c: (c / "ema.safetensors").unlink(), r"ema.safetensors is missing"),
+    "garbage optimizer": (lambda c: (c / "optimizer.bin").write_bytes(b"\x80\x02garbage" * 50),
+                          r"optimizer.bin is unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_latest_checkpoint_is_named_with_the_way_back(damage, tmp_path):
+    from latentdiff.trainer import CheckpointError
+
+    _toy_training(tmp_path, 4)
+    latest = tmp_path / "checkpoints" / "checkpoint-4"
+    harm, message = DAMAGES[damage]
+    harm(latest)
+    with pytest.raises(CheckpointError, match=rf"checkpoint .*checkpoint-4 cannot be resumed from: {message}.*"
+                                              r"--resume-from-checkpoint .*checkpoint-2"):
+        _toy_training(tmp_path, 6, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_a_missing_rng_state_resumes_with_a_loud_warning_that_it_is_not_exact(damage, tmp_path, caplog):
+    whole = _toy_training(tmp_path / "whole", 6)
+    _toy_training(tmp_path / "split", 4)
+    rng = tmp_path / "split" / "checkpoints" / "checkpoint-4" / "random_states_0.pkl"
+    rng.unlink() if damage == "missing" else rng.write_bytes(b"not a pickle")
+    resumed = _toy_training(tmp_path / "split", 6, resume=True)
+    assert "RESUME NOT EXACT: random_states_0.pkl" in caplog.text
+    assert not torch.equal(whole, resumed)  # which is why it says so
+
+
+def test_an_intact_checkpoint_resumes_exactly_and_quietly(tmp_path, caplog):
+    whole = _toy_training(tmp_path / "whole", 6)
+    _toy_training(tmp_path / "split", 4)
+    assert torch.equal(_toy_training(tmp_path / "split", 6, resume=True), whole)
+    assert "NOT EXACT" not in caplog.text
