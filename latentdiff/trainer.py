@@ -350,10 +350,14 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
         loader.set_epoch(progress.epoch)
         if hasattr(loader.dataset, "set_epoch"):  # caption, crop and flip draws depend on the epoch
             loader.dataset.set_epoch(progress.epoch)
-        skip = progress.batches_in_epoch
+        skip, readable = progress.batches_in_epoch, 0
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             progress.batches_in_epoch += 1
             progress.skipped_images += int(batch["skipped"])
+            if not _all_true(accelerator, torch.tensor(_rows(batch) > 0)):  # no image of it (on some process) read
+                accelerator.print(f"step {progress.step}: a batch with no readable image, skipped")
+                continue
+            readable += 1
             with accelerator.accumulate(*models):
                 loss, logs = step_fn(batch)
                 good = _all_true(accelerator, torch.isfinite(loss.detach()))
@@ -400,6 +404,9 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
             if progress.step >= args.max_steps:
                 break
         else:  # the epoch ran out
+            if readable == 0 and skip == 0:
+                raise ValueError(f"--data {args.data}: no batch of a whole epoch held a readable image "
+                                 f"({progress.skipped_images} unreadable images skipped)")
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
     bar.close()
     progress.update_sitting()
@@ -410,8 +417,15 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
     return progress
 
 
+def _rows(batch: dict) -> int:
+    """The number of examples in a collated batch (0 when none of its images could be read)."""
+    return next((len(v) for k, v in batch.items() if k != "skipped" and isinstance(v, (torch.Tensor, list))), 1)
+
+
 def _all_true(accelerator: Accelerator, flag: torch.Tensor) -> bool:
     """True on every process (so that all of them skip a step together, as DDP needs)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
     return accelerator.gather(flag.float().reshape(1).to(accelerator.device)).min().item() == 1
 
 

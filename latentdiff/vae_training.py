@@ -148,10 +148,14 @@ def latent_scaling_factor(vae, loader, device, max_images: int = 512) -> float:
     """1 / std of posterior samples over up to `max_images` training images (LDM §4.3.2)."""
     latents, seen = [], 0
     for batch in loader:
+        if not len(batch["pixel_values"]):  # no image of the batch could be read
+            continue
         latents.append(vae.encode(batch["pixel_values"].to(device)).latent_dist.sample().float().cpu())
         seen += len(latents[-1])
         if seen >= max_images:
             break
+    if not latents:
+        raise ValueError("no training image could be read to measure the latents' scale")
     return 1.0 / torch.cat(latents).std().item()
 
 

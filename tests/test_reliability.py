@@ -412,3 +412,48 @@ def test_an_intact_checkpoint_resumes_exactly_and_quietly(tmp_path, caplog):
     _toy_training(tmp_path / "split", 4)
     assert torch.equal(_toy_training(tmp_path / "split", 6, resume=True), whole)
     assert "NOT EXACT" not in caplog.text
+
+
+# Unreadable data -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mostly_corrupt(tmp_path_factory):
+    """16 shapes scenes of which 12 are not images: batches of 2 with no readable image are certain."""
+    from latentdiff.data.imagefolder import write_imagefolder
+    from latentdiff.data.shapes import shapes_rows
+
+    out = tmp_path_factory.mktemp("corrupt") / "data"
+    write_imagefolder(out, shapes_rows(16, 32, seed=0))
+    for i in range(12):
+        (out / f"{i:06d}.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
+    return out
+
+
+@pytest.mark.parametrize("stage", ["clip", "vae", "unet"])
+def test_a_batch_with_no_readable_image_is_skipped_and_counted(stage, mostly_corrupt, tiny_dir, tmp_path, capsys):
+    from latentdiff import clip_training, unet_training, vae_training
+
+    common = ["--data", str(mostly_corrupt), "--output-dir", str(tmp_path / stage), "--max-steps", "3",
+              "--batch-size", "2", "--holdout", "0", "--report-to", "none", "--seed", "1"]
+    if stage == "clip":
+        summary = clip_training.main([*common, "--preset", "tiny"])
+    elif stage == "vae":
+        summary = vae_training.main([*common, "--preset", "tiny"])
+    else:
+        summary = unet_training.main([*common, "--model", str(tiny_dir), "--validation-prompts", "a"])
+    assert "a batch with no readable image, skipped" in capsys.readouterr().out
+    assert summary["steps"] == 3 and summary["skipped_images"] >= 2
+
+
+def test_data_with_no_readable_image_at_all_stops_with_a_message(mostly_corrupt, tmp_path):
+    import shutil
+
+    from latentdiff import vae_training
+
+    data = tmp_path / "data"
+    shutil.copytree(mostly_corrupt, data)
+    for path in data.glob("*.png"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"no batch of a whole epoch held a readable image \(16 unreadable"):
+        vae_training.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
+                           "--batch-size", "2", "--holdout", "0", "--report-to", "none", "--preset", "tiny"])
