@@ -1,6 +1,7 @@
 """Built-in data sets (shapes, emoji), the oracle that reads shapes back, and the one training-data loader."""
 
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -155,7 +156,10 @@ def _font_or_skip():
     try:
         return emoji_data.find_font()
     except FileNotFoundError:
-        pytest.skip(f"no colour emoji font installed (package {emoji_data.FONT_PACKAGE})")
+        if os.environ.get("CI"):  # README's test command installs it (tools/system-deps.sh): CI must not skip
+            pytest.fail(f"no colour emoji font installed (package {emoji_data.FONT_PACKAGE}) under CI")
+        pytest.skip(f"no colour emoji font installed (package {emoji_data.FONT_PACKAGE}); tools/system-deps.sh "
+                    "installs it")
 
 
 def test_emoji_set_renders_thousands_with_their_names(tmp_path):

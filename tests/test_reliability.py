@@ -457,3 +457,31 @@ def test_data_with_no_readable_image_at_all_stops_with_a_message(mostly_corrupt,
     with pytest.raises(ValueError, match=r"no batch of a whole epoch held a readable image \(16 unreadable"):
         vae_training.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "3",
                            "--batch-size", "2", "--holdout", "0", "--report-to", "none", "--preset", "tiny"])
+
+
+# The two commands on a fresh machine ---------------------------------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_readme_test_command_which_installs_the_emoji_font():
+    import subprocess
+
+    extract = subprocess.run(["bash", "-c", "awk '/^## Test/ {found = 1} found && /^```bash/ {getline; print; exit}' "
+                              "README.md"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert extract.startswith("bash tools/system-deps.sh && ") and extract.endswith("-m pytest -q")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'eval "$cmd"' in ci and "pip install" not in ci  # CI runs README's command, nothing of its own
+
+
+def test_system_deps_says_what_to_do_where_it_cannot_install(tmp_path):
+    import shutil
+    import subprocess
+
+    bin_dir = tmp_path / "bin"  # a PATH with bash and the basics, but no apt-get
+    bin_dir.mkdir()
+    for tool in ("bash", "id", "env"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run(["bash", str(REPO / "tools" / "system-deps.sh")], capture_output=True, text=True,
+                            env={"PATH": str(bin_dir), "EMOJI_FONT": str(tmp_path / "none.ttf")})
+    assert result.returncode == 0 and "no apt-get here; install the Noto Color Emoji font" in result.stderr
