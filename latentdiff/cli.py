@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"latentdiff {command}: interrupted".replace("  ", " "), file=sys.stderr)
+        print(" ".join(["latentdiff", command][: 1 + bool(command)]) + ": interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - every failure reaches the user as one line
         if debug:

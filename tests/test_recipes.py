@@ -34,8 +34,8 @@ def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, cap
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY)
     kill_after_checkpoint(monkeypatch, 2)  # only the U-Net checkpoints at step 2 (CLIP and VAE: at their last, 3)
-    with pytest.raises(KeyboardInterrupt):
-        main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")])
+    assert main(["run-recipe", str(recipe), "--out", str(tmp_path / "run")]) == 130  # interrupted, as by Ctrl-C
+    assert "latentdiff run-recipe: interrupted" in capsys.readouterr().err
     stages = sorted(p.stem for p in (tmp_path / "run" / "stages").glob("*.json"))
     assert stages == ["clip", "data", "vae"], "the killed U-Net stage is not marked done"
     capsys.readouterr()

@@ -138,15 +138,15 @@ def test_replaced_modules_drop_their_graphs_and_copies_start_without_any(tiny_pi
     assert not tiny_pipe._traced_unet._graphs  # the old U-Net's graphs went at the bind: its weights can be freed
 
 
-def test_reduced_precision_runs_the_networks_in_it_and_the_sampler_in_float32(tiny_dir):
+def test_reduced_precision_runs_the_networks_in_it_and_the_sampler_in_float32(tiny_dir, monkeypatch):
     pipe = LatentDiffusionPipeline.from_pretrained(tiny_dir)
     pipe.set_progress_bar_config(disable=True)
     reference = run(pipe)
     pipe.to(dtype=torch.bfloat16)
     seen = []
-    original_step = pipe.scheduler.step
-    pipe.scheduler.step = lambda output, t, sample, **kw: seen.append((output.dtype, sample.dtype)) or \
-        original_step(output, t, sample, **kw)
+    original_step = type(pipe.scheduler).step  # on the class: each call steps its own copy of the scheduler
+    monkeypatch.setattr(type(pipe.scheduler), "step", lambda self, output, t, sample, **kw: seen.append(
+        (output.dtype, sample.dtype)) or original_step(self, output, t, sample, **kw))
     low = twice(pipe)
     assert pipe.unet.dtype == torch.bfloat16 and pipe._traced_unet._graphs
     assert set(seen) == {(torch.float32, torch.float32)}
