@@ -4,6 +4,7 @@ errors name the rule."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
@@ -45,6 +46,40 @@ def non_negative_int(text: str) -> int:
 def seed(text: str) -> int:
     if not text.lstrip("+").isdigit() or int(text) > MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64 - 1], got {text!r}")
+    return int(text)
+
+
+def run_guarded(prog: str, main, argv: list[str]) -> int:
+    """`main(argv)` as a command: an error is one line on stderr, `PROG: error: message`, with exit status 2 (or
+    the error's `exit_code`), an interrupt exits 130, and `--debug` (before any `--`) shows the traceback instead."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]  # after "--" it is a value (a prompt, say)
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    try:
+        main(argv)
+        return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure reaches the user as one line
+        if debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (ValueError, TypeError, OSError, ArithmeticError)) \
+                and not hasattr(error, "exit_code"):
+            message = f"{type(error).__name__}: {message} (run again with --debug for the traceback)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return getattr(error, "exit_code", 2)
+
+
+MAX_TRAINING_SEED = 2**31 - 1  # accelerate's set_seed seeds numpy (< 2**32) with seed + process index
+
+
+def training_seed(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) > MAX_TRAINING_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**31 - 1], got {text!r}")
     return int(text)
 
 

@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
     held = shapes.add_mutually_exclusive_group()
     held.add_argument("--holdout", default=None, metavar="PAIRS",
-                      help="colour-shape pairs no training scene or caption may hold, e.g. 'red circle,blue star'")
+                      help="colour-shape pairs no training scene or caption may hold, e.g. 'red circle,blue star' (default: none held out)")
     held.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
-                      help="hold out this fraction of the 48 colour-shape pairs, chosen by --holdout-seed")
+                      help="hold out this fraction of the 48 colour-shape pairs, chosen by --holdout-seed (default: none)")
     shapes.add_argument("--holdout-seed", type=seed, default=0, help="seed of the --holdout-fraction draw (default: 0)")
     shapes.add_argument("--unseen-prompts", type=positive_int, default=600,
                         help="evaluation prompts with held-out pairs, written to OUT/unseen.jsonl (default: 600)")
@@ -69,13 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
-    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,eval")
+    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,eval (default: every stage of the "
+                        "recipe)")
 
     export = sub("export", help="copy a model folder with its weights stored in another precision")
     export.add_argument("model", help="model folder to copy")
     export.add_argument("--out", required=True, help="folder to write (e.g. latentdiff/assets/default-model)")
     export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
-                        help="store this sampler instead of the model's own (same noise schedule and prediction type)")
+                        help="store this sampler instead of the model's own (same noise schedule and prediction type; default: the model's own)")
     export.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="fp16",
                         help="precision of the stored weights (default: fp16, half the size; they load as fp32)")
     export.add_argument("--no-clip", action="store_true",
@@ -101,6 +102,7 @@ def generate(args) -> Path:
 
     out = Path(args.out)
     check_image_out(out)
+    check_generate_bounds(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
@@ -110,6 +112,36 @@ def generate(args) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     (image_grid(images) if len(images) > 1 else images[0]).save(out)
     return out
+
+
+MAX_IMAGES = 64  # --num-images: the images of one command are one batch
+
+
+def check_generate_bounds(args) -> None:
+    """--steps, --height, --width and --num-images against the model's configs, before any weights load."""
+    import json
+
+    from .model_folder import resolve_model_dir
+    from .models import vae_scale_factor
+    from .pipeline import MAX_SIZE_FACTOR
+
+    if args.num_images > MAX_IMAGES:
+        raise ValueError(f"--num-images must be at most {MAX_IMAGES} (one batch), got {args.num_images}")
+    root = resolve_model_dir(args.model)
+    try:
+        train_steps = json.loads((root / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+        size = json.loads((root / "unet" / "config.json").read_text())["sample_size"]
+        factor = vae_scale_factor(json.loads((root / "vae" / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # loading the model names what is wrong with it
+    if args.steps > train_steps:
+        raise ValueError(f"--steps must be at most {train_steps} (the model's training timesteps), got {args.steps}")
+    native = dict(zip(("height", "width"), (size, size) if isinstance(size, int) else size))
+    for name in ("height", "width"):
+        value, limit = getattr(args, name), MAX_SIZE_FACTOR * native[name] * factor
+        if value is not None and (value % factor or value > limit):
+            raise ValueError(f"--{name} must be a multiple of {factor} and at most {limit} ({MAX_SIZE_FACTOR} × the "
+                             f"model's native {native[name] * factor} px), got {value}")
 
 
 def check_image_out(out: Path) -> None:
@@ -130,9 +162,24 @@ def check_image_out(out: Path) -> None:
             break
 
 
+def check_data_args(args) -> None:
+    """The data flags' own rules, before anything is drawn (recipes check them before any stage runs)."""
+    if args.kind != "shapes":
+        return
+    from .data import shapes
+
+    if not shapes.MIN_IMAGE_SIZE <= args.size <= shapes.MAX_IMAGE_SIZE:
+        raise ValueError(f"--size must be from {shapes.MIN_IMAGE_SIZE} to {shapes.MAX_IMAGE_SIZE}, got {args.size}")
+    if args.holdout is not None:
+        shapes.parse_pairs(args.holdout)
+    elif args.holdout_fraction is not None:
+        shapes.sample_holdout(args.holdout_fraction, args.holdout_seed)
+
+
 def make_data(args) -> str:
     from .data.imagefolder import write_imagefolder
 
+    check_data_args(args)
     if args.kind == "shapes":
         import json
 
@@ -232,26 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; an error is one line on stderr naming what was wrong (exit 2; 3: a recipe gate missed;
     130: interrupted), with the traceback only under --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), "")
-    try:
-        return _run(argv)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(" ".join(["latentdiff", command][: 1 + bool(command)]) + ": interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - every failure reaches the user as one line
-        if debug:
-            raise
-        from .recipes import GateMissed
-
-        message = " ".join(str(error).split()) or type(error).__name__
-        if not isinstance(error, (ValueError, TypeError, OSError, ArithmeticError, GateMissed)):
-            message = f"{type(error).__name__}: {message} (run again with --debug for the traceback)"
-        print(f"latentdiff {command}: error: {message}", file=sys.stderr)
-        return 3 if isinstance(error, GateMissed) else 2
+    return argparsing.run_guarded(f"latentdiff {command}".strip(), _run, argv)
 
 
 def _run(argv: list[str]) -> int:
@@ -284,8 +313,8 @@ def _run(argv: list[str]) -> int:
 
 def quiet_libraries() -> None:
     """What a CLI user should not see: the libraries' per-file loading bars ("Loading weights", "Loading
-    checkpoint shards") and their notices about local files ("Downloading data" for a local folder). Their
-    warnings still show; latentdiff's own progress bars (sampling, evaluation) stay."""
+    checkpoint shards") and datasets' notices and warnings about local folders ("Downloading data"). diffusers'
+    and transformers' warnings still show, and so do latentdiff's own progress bars (sampling, evaluation)."""
     import datasets
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparsing.parser(None, __doc__)
     parser.add_argument("--preset", default="small", help="architecture: tiny, small, base or a JSON file")
     parser.add_argument("--model-dir", default=None, help="where the parts go (default: OUTPUT_DIR/model)")
-    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder to use instead of training one")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder to use instead of training one (default: train one on the captions)")
     parser.add_argument("--hard-negatives", type=int, default=0, metavar="K",
                         help="hard-negative captions per image (shapes vocabulary: swapped bindings, opposite "
                              "relations, replaced attributes), scored against the image beside its own caption (0: off)")
@@ -173,13 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def check_args(args) -> None:
+    """The flags' own rules, checked before anything loads (recipes check them before any stage runs)."""
+    trainer.check_args(args)
     if args.hard_negatives < 0:
         raise ValueError(f"--hard-negatives must be ≥ 0, got {args.hard_negatives}")
     if args.hard_negatives and args.random_flip:
         raise ValueError("--hard-negatives cannot go with --random-flip: a flipped image of 'on the left' shows "
                          "'on the right', so its opposite negatives would be true")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    check_args(args)
     accelerator, model_dir = trainer.start(args, "train_clip")
     preset = load_preset(args.preset)
     resolution = args.resolution or preset["clip"]["vision_config"]["image_size"]

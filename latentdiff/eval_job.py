@@ -46,9 +46,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--images-per-prompt", type=argparsing.positive_int, default=4, help="images per prompt and scale")
     parser.add_argument("--seed", type=argparsing.seed, default=0, help="base seed; each image has its own, derived from it")
     parser.add_argument("--batch-size", type=argparsing.positive_int, default=16, help="images generated per pipeline call")
-    parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N prompts (default: all)")
     parser.add_argument("--sample-prompts", type=int, default=None,
-                        help="evaluate N prompts spread evenly over the list (after --max-prompts; deterministic)")
+                        help="evaluate N prompts spread evenly over the list (after --max-prompts; deterministic; default: all)")
     parser.add_argument("--candidates", default=None,
                         help="texts the judge ranks for each generated image, as PROMPTS takes them "
                              "(default: every distinct prompt, before --max-prompts/--sample-prompts)")
@@ -59,7 +59,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--diversity-seeds", type=argparsing.positive_int, default=8, help="seeds per --diversity prompt")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals")
     parser.add_argument("--inception-weights", default=None,
-                        help="Inception-v3 weights file: also report classic FID (needs torch-fidelity)")
+                        help="Inception-v3 weights file: also report classic FID (needs torch-fidelity; default: no FID)")
     return parser
 
 

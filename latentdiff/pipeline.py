@@ -197,9 +197,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         total = len(prompts) * num_images_per_prompt
         generators = generator if isinstance(generator, list) else [generator]
         bad = next((g for g in generators if g is not None and not isinstance(g, torch.Generator)), None)
-        if bad is not None or generator is not None and not generators:
+        if bad is not None or not generators:
+            got = f"{type(bad).__name__}: {bad!r}" if generators else "an empty list"
             raise TypeError(f"generator must be a torch.Generator or a list of them (e.g. "
-                            f"torch.Generator().manual_seed(5)), got {type(bad).__name__}: {bad!r}")
+                            f"torch.Generator().manual_seed(5)), got {got}")
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(f"generator list must have one generator per image ({len(prompts)} prompts × "
                              f"{num_images_per_prompt} images = {total}), got {len(generator)}")

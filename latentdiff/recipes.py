@@ -36,7 +36,7 @@ STAGES = ("data", "clip", "vae", "unet", "decoder", "eval")
 # Keys a section may hold, and the flags run-recipe itself gives each stage: its inputs and outputs, which a recipe
 # may not redirect (a recipe's outputs stay inside --out). Abbreviations of them are refused too (argparse takes
 # `--output` for `--output-dir`).
-STAGE_KEYS = {"data": {"kind", "args", "path"}, **{s: {"args", "gates"} for s in STAGES if s != "data"}}
+STAGE_KEYS = {"data": {"kind", "args", "path", "gates"}, **{s: {"args", "gates"} for s in STAGES if s != "data"}}
 RESERVED_FLAGS = {
     "data": ("--out", "--overwrite"),
     "clip": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
@@ -46,6 +46,10 @@ RESERVED_FLAGS = {
     "eval": ("--model", "--prompts", "--out"),
 }
 DATA_KINDS = ("shapes", "emoji", "folder")
+# Flags whose values are files or folders, resolved against the recipe file's folder; MAYBE_PATH_FLAGS only when
+# the value looks like a path (a preset may be a name, a judge an open_clip name).
+PATH_FLAGS = ("--font", "--tokenizer", "--reference", "--inception-weights", "--candidates")
+MAYBE_PATH_FLAGS = ("--preset", "--judge")
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -97,8 +101,24 @@ def load_recipe(path: str | Path) -> dict:
     _validate_gates(path, recipe)
     for stage in STAGES:
         if stage in recipe:
+            recipe[stage] = {**recipe[stage], "args": _resolve_paths(path.parent, recipe[stage].get("args", []))}
             _check_stage_args(path, stage, recipe)
     return recipe
+
+
+def _resolve_paths(folder: Path, args: list[str]) -> list[str]:
+    """Relative file and folder values of stage flags, made absolute against the recipe file's folder."""
+    out, previous = [], None
+    for token in args:
+        flag, eq, value = token.partition("=") if token.startswith("--") and "=" in token else (previous, "", token)
+        if flag in PATH_FLAGS or flag in MAYBE_PATH_FLAGS and ("/" in value or value.endswith(".json")) \
+                and not value.startswith("open_clip:"):
+            if value and not Path(value).expanduser().is_absolute():
+                value = str((folder / value).resolve())
+            token = f"{flag}={value}" if eq else value
+        out.append(token)
+        previous = token if token.startswith("--") and "=" not in token else None
+    return out
 
 
 def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
@@ -135,14 +155,30 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
-            parser.parse_args(argv)
+            parsed = parser.parse_args(argv)
     except SystemExit:
         reason = messages.getvalue().strip().splitlines()[-1:] or ["bad arguments"]
-        raise ValueError(f"recipe {path}: [{stage}] args: {reason[0].split(': error: ', 1)[-1]}") from None
+        reason = reason[0].split(": error: ", 1)[-1].rsplit(" (see ", 1)[0]
+        raise ValueError(f"recipe {path}: [{stage}] args: {reason}") from None
+    try:  # the flags' own rules (ranges, combinations), as the stage would check them when it starts
+        if stage == "data":
+            from .cli import check_data_args
+
+            check_data_args(parsed)
+        elif stage == "eval":
+            from .eval_job import check_args
+
+            check_args(parsed)
+        else:
+            module.check_args(parsed)
+    except ValueError as error:
+        raise ValueError(f"recipe {path}: [{stage}] args: {error}") from None
 
 
 class GateMissed(RuntimeError):
-    """A stage finished without reaching one of its recipe gates."""
+    """A stage finished without reaching one of its recipe gates (the CLI exits with status 3)."""
+
+    exit_code = 3
 
 
 def metric_value(record: dict, path: str):
@@ -180,13 +216,13 @@ def _validate_gates(path: Path, recipe: dict) -> None:
 
 
 def _data_stage(recipe: dict, out: Path) -> dict:
-    from .cli import main as cli_main
+    from .cli import build_parser, make_data
 
     data = recipe["data"]
     if data["kind"] == "folder":
         return {"data": data["path"]}
-    if cli_main(["data", data["kind"], "--out", str(out / "data"), "--overwrite", *data.get("args", [])]) != 0:
-        raise RuntimeError(f"the {data['kind']} data stage failed")
+    print(make_data(build_parser().parse_args(["data", data["kind"], "--out", str(out / "data"), "--overwrite",
+                                               *data.get("args", [])])))
     return {"data": str(out / "data")}
 
 

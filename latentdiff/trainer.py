@@ -63,12 +63,13 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, batch_size: int,
                        help="recompute activations in the backward pass: less memory, slower")
     group.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                        help="default: what `accelerate launch` / accelerate config says, else no")
-    group.add_argument("--seed", type=argparsing.seed, default=0, help="seed of initial weights, data order and noise")
+    group.add_argument("--seed", type=argparsing.training_seed, default=0,
+                       help="seed of initial weights, data order and noise")
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run folder: checkpoints, logs, samples")
     group.add_argument("--checkpointing-steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     group.add_argument("--checkpoints-total-limit", type=int, default=3, help="checkpoints kept (older ones deleted)")
-    group.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder")
+    group.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder (default: start fresh)")
     group.add_argument("--report-to", default="tensorboard", help="accelerate tracker, or 'none'")
     group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
 
@@ -208,9 +209,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: missing, truncated or garbage files."""
 
 
-def check_checkpoint(path: Path, ema, process_index: int = 0) -> None:
-    """Raise CheckpointError naming the first file of `path` that a resume could not use; warn loudly when only
-    the RNG state is missing or unreadable (the resume then runs, but its random draws differ)."""
+def check_checkpoint(path: Path, ema, process_index: int = 0) -> bool:
+    """Raise CheckpointError naming the first file of `path` that a resume could not use. Return whether the resume
+    can be exact: False, with a loud warning, when only the RNG state is missing or unreadable (the resume then
+    runs, but its random draws differ)."""
     from safetensors import SafetensorError, safe_open
 
     def damaged(name: str, problem: str) -> CheckpointError:
@@ -262,8 +264,11 @@ def check_checkpoint(path: Path, ema, process_index: int = 0) -> None:
         torch.load(rng, map_location="cpu", weights_only=False)  # accelerate reads it so (numpy RNG state inside)
     except Exception as error:  # noqa: BLE001
         problem = "is missing" if not rng.exists() else f"is unreadable ({type(error).__name__})"
-        logger.warning("RESUME NOT EXACT: %s %s in checkpoint %s; resuming with fresh random states, so noise, "
-                       "timesteps and data augmentation differ from an uninterrupted run", rng.name, problem, path)
+        logger.warning("RESUME NOT EXACT: %s %s in checkpoint %s; resuming with random states seeded from --seed "
+                       "and the step, so noise, timesteps and caption dropout differ from an uninterrupted run",
+                       rng.name, problem, path)
+        return False
+    return True
 
 
 def _step_of(path: Path) -> int:
@@ -318,13 +323,15 @@ def resume(accelerator: Accelerator, args, progress: Progress, ema=None) -> bool
         path = Path(args.resume_from_checkpoint)
         if not path.is_dir():
             raise ValueError(f"--resume-from-checkpoint must be 'latest' or a checkpoint folder, got {str(path)!r}")
-    check_checkpoint(path, ema, accelerator.process_index)
+    exact = check_checkpoint(path, ema, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
     except Exception as error:  # noqa: BLE001 - what check_checkpoint could not foresee (a model of another shape)
         raise CheckpointError(f"checkpoint {path} cannot be resumed from: {type(error).__name__}: "
                               f"{' '.join(str(error).split())[:300]}") from error
     _load_own_state(path, progress, ema, accelerator.device)
+    if not exact:  # each process its own stream again, and not the first sitting's
+        set_seed((args.seed + progress.step) % 2**31, device_specific=True)
     accelerator.print(f"resumed from {path} at step {progress.step}")
     return True
 

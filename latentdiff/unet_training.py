@@ -160,13 +160,13 @@ def diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, batch_si
 def build_parser() -> argparse.ArgumentParser:
     parser = argparsing.parser(None, __doc__)
     parser.add_argument("--model", required=True, help="folder with tokenizer/, text_encoder/, vae/ (and unet/ to fine-tune)")
-    parser.add_argument("--preset", default=None, help="U-Net architecture when --model has no unet/")
+    parser.add_argument("--preset", default=None, help="U-Net architecture when --model has no unet/ (default: none; needed then)")
     parser.add_argument("--model-dir", default=None, help="where the pipeline goes (default: OUTPUT_DIR/model)")
     parser.add_argument("--lora-rank", type=int, default=0, help="fine-tune a LoRA of this rank instead (0: off)")
     parser.add_argument("--prediction-type", choices=diffusion.PREDICTION_TYPES, default=None,
                         help="default: the model's scheduler config")
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to '' (default: 0.1)")
-    parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting (e.g. 5)")
+    parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
     parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise strength (0: off)")
     parser.add_argument("--use-ema", action="store_true", help="keep an exponential moving average of the weights; it is what gets saved")
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
@@ -231,8 +231,9 @@ def validate(args, step: int, unet, vae, text_encoder, tokenizer, scheduler, acc
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def check_args(args) -> None:
+    """The flags' own rules, checked before anything loads (recipes check them before any stage runs)."""
+    trainer.check_args(args)
     if not 0 <= args.uncond_prob <= 1:
         raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
     if args.cache_latents and (args.random_crop or args.random_flip):
@@ -240,6 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lora_rank and (args.use_ema or args.prediction_type):
         raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema and --prediction-type "
                          "do not apply to it")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    check_args(args)
     accelerator, model_dir = trainer.start(args, "train_unet")
     device = accelerator.device
     tokenizer, text_encoder, vae, clip, unet, scheduler = load_parts(args, device)

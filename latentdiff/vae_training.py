@@ -199,7 +199,7 @@ def load_vae_to_finetune(folder: Path) -> nn.Module:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparsing.parser(None, __doc__)
     parser.add_argument("--preset", default="small", help="architecture: tiny, small, base or a JSON file")
-    parser.add_argument("--model-dir", default=None, help="where vae/ goes; its clip/ serves the perceptual loss")
+    parser.add_argument("--model-dir", default=None, help="where vae/ goes; its clip/ serves the perceptual loss (default: OUTPUT_DIR/model)")
     parser.add_argument("--reconstruction-loss", choices=("l1", "l2"), default="l1", help="pixel loss")
     parser.add_argument("--foreground-weight", type=float, default=1.0,
                         help="loss weight of pixels apart from the image's border colour (1: plain mean)")
@@ -213,8 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """The flags' own rules, checked before anything loads (recipes check them before any stage runs)."""
+    trainer.check_args(args)
+    for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(args, name)}")
+    if not args.foreground_weight > 0:
+        raise ValueError(f"--foreground-weight must be > 0, got {args.foreground_weight}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_args(args)
     accelerator, model_dir = trainer.start(args, "train_vae")
     if args.finetune_decoder:  # the VAE's own size, not the preset's
         vae = load_vae_to_finetune(model_dir / "vae")

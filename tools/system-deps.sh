@@ -11,7 +11,7 @@ if ! command -v apt-get >/dev/null; then
 fi
 SUDO=""
 if [ "$(id -u)" != 0 ]; then
-  if command -v sudo >/dev/null; then SUDO="sudo"; else
+  if command -v sudo >/dev/null; then SUDO="sudo -n"; else
     echo "system-deps: not root and no sudo; run 'apt-get install fonts-noto-color-emoji' as root, or the 2 emoji" \
          "data set tests skip" >&2
     exit 0

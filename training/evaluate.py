@@ -3,7 +3,8 @@
 
 import sys
 
+from latentdiff.argparsing import run_guarded
 from latentdiff.eval_job import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_guarded("evaluate.py", main, sys.argv[1:]))

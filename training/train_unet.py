@@ -2,7 +2,8 @@
 
 import sys
 
+from latentdiff.argparsing import run_guarded
 from latentdiff.unet_training import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_guarded("train_unet.py", main, sys.argv[1:]))
