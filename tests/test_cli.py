@@ -70,7 +70,7 @@ def test_errors_are_one_line_messages_not_tracebacks(tiny_dir, tmp_path, capsys)
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(tiny_dir), "--height", "31", "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
-    assert "height must be a positive multiple of 2" in err and "Traceback" not in err
+    assert "--height must be a multiple of 2 and at most 256" in err and "Traceback" not in err
 
 
 
