@@ -168,18 +168,31 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
     for damaged files and non-finite weights."""
     import torch
 
-    dtype = dtype or torch.float32
+    dtypes = dtype if isinstance(dtype, dict) else {"default": dtype}
+    unknown = set(dtypes) - set(COMPONENT_FOLDERS) - {"default"}
+    if unknown:
+        raise ValueError(f"torch_dtype names components this pipeline does not have: {sorted(unknown)} (it has "
+                         f"{list(COMPONENT_FOLDERS)} and 'default')")
+    of = lambda name: dtypes.get(name, dtypes.get("default")) or torch.float32  # noqa: E731
     kw = dict(use_safetensors=True, variant=variant)
+    has_clip = (root / "clip" / "config.json").is_file()
+    if has_clip:
+        check_weights(root / "clip")
+    if variant is not None:
+        for name in WEIGHT_FOLDERS + (("clip",) if has_clip else ()):
+            if not any(f".{variant}." in p.name or f".{variant}-" in p.name for p in (root / name).iterdir()):
+                raise ModelFolderError(f"You are trying to load the model files of the `variant={variant}`, but "
+                                       f"{root / name} has none (its files: "
+                                       f"{sorted(p.name for p in (root / name).iterdir())})")
     loaders = {
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw),
-        "vae": lambda: AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(root / "text_encoder", dtype=of("text_encoder"), **kw),
+        "vae": lambda: AutoencoderKL.from_pretrained(root / "vae", torch_dtype=of("vae"), **kw),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=of("unet"), **kw),
         "scheduler": lambda: load_scheduler(root / "scheduler"),
     }
-    if (root / "clip" / "config.json").is_file():
-        check_weights(root / "clip")
-        loaders["clip"] = lambda: CLIPModel.from_pretrained(root / "clip", dtype=dtype, **kw)
+    if has_clip:
+        loaders["clip"] = lambda: CLIPModel.from_pretrained(root / "clip", dtype=of("clip"), **kw)
     components = {"clip": None}
     for name, load in loaders.items():
         try:

@@ -81,13 +81,14 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     return text_encoder.to(clip.dtype)
 
 
-def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shard_size: str | int = "15MB") -> None:
+def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shard_size: str | int = "15MB",
+                     variant: str | None = None) -> None:
     """The whole CLIP with its tokenizer and image-processor config, so any transformers CLIP tool can load it.
     Our CLIP takes images in [−1, 1]: the processor maps [0, 1] there (mean = std = 0.5)."""
     from transformers import CLIPImageProcessor
 
     size = clip.config.vision_config.image_size
-    clip.save_pretrained(folder, max_shard_size=max_shard_size)
+    clip.save_pretrained(folder, max_shard_size=max_shard_size, variant=variant)
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)

@@ -7,19 +7,23 @@ import copy
 import inspect
 import logging
 import math
+import threading
 from numbers import Integral, Real
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from . import attention, diffusion, model_folder
+from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
 from .models import save_clip_folder, vae_scale_factor
 from .tracing import TracedCall
 
@@ -28,7 +32,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIZE_FACTOR = 8  # height and width up to 8× the model's native size: beyond, memory, not quality, is the limit
 
 
-class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
     """Latent diffusion (Rombach et al. 2022) conditioned on a CLIP text encoder, with classifier-free guidance.
 
     The five components are those of a Stable Diffusion pipeline, so folders move between this class and
@@ -41,10 +45,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
     `pipe.to(dtype=torch.bfloat16)` (or `torch_dtype=` in from_pretrained) runs the networks in bf16 while the
     sampler's arithmetic (the initial noise included) stays in float32; on the CPU their attention then runs as
     plain bf16 matmuls (`latentdiff.attention`), which is faster there.
+
+    diffusers' call surface: prompt embeddings, custom timesteps or sigmas, step callbacks and interruption,
+    `cross_attention_kwargs` (LoRA scale), `clip_skip`, FreeU, fused QKV projections, VAE slicing and tiling
+    (`StableDiffusionMixin`). Components we do not have (`safety_checker`, `feature_extractor`, `image_encoder`) are
+    accepted and ignored, so code written for `StableDiffusionPipeline` runs unchanged.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["clip"]
+    _optional_components = ["clip", "safety_checker", "feature_extractor", "image_encoder"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")
 
     def __init__(
         self,
@@ -54,14 +65,24 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
         clip: CLIPModel | None = None,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
     ):
+        for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
+                            ("image_encoder", image_encoder)):
+            if value is not None:
+                logger.warning("%s is not a component of LatentDiffusionPipeline; it is ignored", name)
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              clip=clip)
-        self.vae_scale_factor = vae_scale_factor(vae.config)
+                              clip=clip, safety_checker=None, feature_extractor=None, image_encoder=None)
+        # a pipeline may be built with only some parts (a text encoder alone, to encode prompts), as diffusers' can
+        self.vae_scale_factor = vae_scale_factor(vae.config) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         for model in (unet, vae):
-            attention.fit(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
+            if model is not None:
+                attention.fit(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
         self.use_tracing = True
         self._traced_unet = TracedCall(_unet_forward)
         self._traced_decoder = TracedCall(_vae_decode)
@@ -72,7 +93,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         with _without_log_records("diffusers.models.modeling_utils", "should be kept in float32: []"):
             super().to(*args, **kwargs)
         for model in (self.unet, self.vae):
-            attention.fit(model)
+            if model is not None:
+                attention.fit(model)
         return self
 
     def load_lora_weights(self, *args, **kwargs) -> None:
@@ -88,18 +110,32 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                         variant: str | None = None, **components) -> "LatentDiffusionPipeline":
         """Load a model folder; with no argument, the small model shipped inside the package.
 
-        Components given as keyword arguments (e.g. `scheduler=...`) replace the folder's.
+        torch_dtype: one dtype, or a dict per component ({"unet": torch.bfloat16, "default": torch.float32}).
+        variant: load the weight files of that variant (`diffusion_pytorch_model.fp16.safetensors` …).
+        Components given as keyword arguments (e.g. `scheduler=...`) replace the folder's; `safety_checker`,
+        `feature_extractor`, `image_encoder` and `requires_safety_checker` are accepted and ignored.
         """
+        ignored = {k: components.pop(k) for k in cls.IGNORED_COMPONENTS if k in components}
         unknown = set(components) - set(model_folder.COMPONENTS) - {"clip"}
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
         root = model_folder.resolve_model_dir(pretrained_model_name_or_path)
         model_folder.check_model_folder(root)
         loaded = model_folder.load_components(root, dtype=torch_dtype, variant=variant)
-        return cls(**{**loaded, **components})
+        return cls(**{**loaded, **components}, **{k: v for k, v in ignored.items() if k != "requires_safety_checker"})
+
+    @property
+    def components(self) -> dict:
+        """The modules that build this pipeline again, `LatentDiffusionPipeline(**pipe.components)`, with the
+        components of a Stable Diffusion pipeline it does not have (None); `clip` when there is one."""
+        components = super().components
+        if components.get("clip") is None:
+            components.pop("clip", None)
+        return components
 
     def save_pretrained(self, save_directory: str | Path, max_shard_size: str | int = "15MB",
-                        safe_serialization: bool = True, *, components: tuple[str, ...] | None = None) -> None:
+                        safe_serialization: bool = True, variant: str | None = None, *,
+                        components: tuple[str, ...] | None = None, **kwargs) -> None:
         """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
 
         Only the component folders and model_index.json are replaced; other files in the folder are left alone.
@@ -107,9 +143,16 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         (`model_folder.write_component`), so an interrupted save never leaves a half-written component.
         `components` (e.g. `("unet", "scheduler")`) writes only those into a folder that already holds the rest,
         leaving the others as they are on disk; it must include the scheduler, whose class model_index.json names.
+        `variant` names the weight files (`diffusion_pytorch_model.fp16.safetensors`). `safe_serialization=False`
+        still writes safetensors, with a warning: latentdiff never writes pickles. Hub options (`push_to_hub` …)
+        are refused.
         """
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)} (latentdiff writes "
+                            "local folders only)")
         if not safe_serialization:
-            raise ValueError("safe_serialization must be True: latentdiff writes safetensors only")
+            logger.warning("safe_serialization=False: latentdiff writes safetensors anyway (pickled weights can run "
+                           "code when loaded)")
         known = set(model_folder.COMPONENT_FOLDERS)
         if components is not None and (not set(components) <= known or "scheduler" not in components):
             raise ValueError(f"components must name some of {sorted(known)}, the scheduler among them (model_index.json "
@@ -132,10 +175,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 model_folder.write_component(target / name, component.save_pretrained)
             elif name == "clip":
                 model_folder.write_component(
-                    target / name, lambda folder: save_clip_folder(self.clip, self.tokenizer, folder, max_shard_size))
+                    target / name, lambda folder: save_clip_folder(self.clip, self.tokenizer, folder, max_shard_size,
+                                                                   variant))
             else:
                 model_folder.write_component(
-                    target / name, lambda folder, c=component: c.save_pretrained(folder, max_shard_size=max_shard_size))
+                    target / name, lambda folder, c=component: c.save_pretrained(folder, max_shard_size=max_shard_size,
+                                                                                 variant=variant))
         model_folder.write_model_index(target, self.scheduler)
 
     @property
@@ -145,32 +190,194 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.vae_scale_factor, w * self.vae_scale_factor
 
-    # Generation --------------------------------------------------------------------------------------------------
+    # Per-call state -------------------------------------------------------------------------------------------------
+    # What diffusers keeps on the pipeline during a call (`pipe.guidance_scale`, `pipe.num_timesteps`, and what a step
+    # callback sets: `pipe._guidance_scale`, `pipe._interrupt`) is kept per thread, so threads sharing one pipeline
+    # do not see each other's calls; a thread reads its own last call's values after it returns.
+
+    def _call_state(self) -> SimpleNamespace:
+        states = self.__dict__.setdefault("_call_states", {})
+        state = states.get(threading.get_ident())
+        if state is None:
+            state = states[threading.get_ident()] = SimpleNamespace(
+                guidance=ClassifierFreeGuidance(), clip_skip=None, cross_attention_kwargs=None, interrupt=False,
+                num_timesteps=0)
+        return state
+
+    guidance_scale = property(lambda self: self._call_state().guidance.scale)
+    guidance_rescale = property(lambda self: self._call_state().guidance.rescale)
+    clip_skip = property(lambda self: self._call_state().clip_skip)
+    cross_attention_kwargs = property(lambda self: self._call_state().cross_attention_kwargs)
+    num_timesteps = property(lambda self: self._call_state().num_timesteps)
+    interrupt = property(lambda self: self._call_state().interrupt)
+    do_classifier_free_guidance = property(lambda self: self._call_state().guidance.passes == 2)
+    _guidance_scale = property(lambda self: self._call_state().guidance.scale,
+                               lambda self, value: setattr(self._call_state().guidance, "scale", value))
+    _interrupt = property(lambda self: self._call_state().interrupt,
+                          lambda self, value: setattr(self._call_state(), "interrupt", value))
+
+    # Generation, in stages --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        """CLIP hidden states (B, L, D) for a list of prompts, padded to the tokenizer's context, truncated with a
-        warning (the end-of-text token is kept)."""
-        ids = self.tokenize(prompts)
-        hidden = self.text_encoder(ids.to(device))[0]  # (B, L, D)
-        return hidden.to(self.unet.dtype)
+    def encode_prompt(self, prompt, device, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None,
+                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds, negative_prompt_embeds), each (B·n, L, D) in the U-Net's dtype, as diffusers'
+        StableDiffusionPipeline.encode_prompt returns them: the text encoder's last hidden states (or those
+        `clip_skip` layers before the last, through the final layer norm), each prompt's rows repeated
+        `num_images_per_prompt` times; the negative ones ("" unless given) only with classifier-free guidance.
+        Given embeddings are used as they are. `lora_scale` scales the text encoder's LoRA layers for this call."""
+        if lora_scale is not None and any("lora" in n for n, _ in self.text_encoder.named_modules()):
+            from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+            scale_lora_layers(self.text_encoder, lora_scale)
+            try:
+                return self.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                          negative_prompt, prompt_embeds, negative_prompt_embeds, None, clip_skip)
+            finally:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        prompts = None if prompt_embeds is not None else _as_prompt_list("prompt", prompt)
+        batch = len(prompt_embeds) if prompts is None else len(prompts)
+        negatives = []
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = [""] * batch if negative_prompt is None else _as_prompt_list("negative_prompt", negative_prompt)
+            if len(negatives) == 1:
+                negatives *= batch
+            if len(negatives) != batch:
+                raise ValueError(f"negative_prompt must be one string or one per prompt ({batch}), "
+                                 f"got {len(negatives)}")
+        texts = negatives + (prompts or [])
+        if texts:  # one text-encoder call for the negative and the positive texts
+            states = self._text_states(texts, device, clip_skip)
+            if negatives:
+                negative_prompt_embeds = states[: len(negatives)]
+            if prompts is not None:
+                prompt_embeds = states[len(negatives):]
+        dtype = self.unet.dtype if self.unet is not None else self.text_encoder.dtype
+        repeat = lambda e: None if e is None else e.to(device=device, dtype=dtype).repeat_interleave(  # noqa: E731
+            num_images_per_prompt, dim=0)
+        return repeat(prompt_embeds), repeat(negative_prompt_embeds) if do_classifier_free_guidance else None
+
+    def _text_states(self, prompts: list[str], device, clip_skip: int | None = None) -> torch.Tensor:
+        ids = self.tokenize(prompts).to(device)
+        if clip_skip is None:
+            return self.text_encoder(ids)[0]
+        hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return self.text_encoder.text_model.final_layer_norm(hidden)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (B, L) padded to the context L; longer prompts keep their first L − 1 tokens plus end-of-text
         (what the tokenizer's own truncation gives), with a warning."""
         tok, max_length = self.tokenizer, self.tokenizer.model_max_length
         rows = tok(prompts, verbose=False).input_ids  # one tokenization, untruncated
-        too_long = [p for p, ids in zip(prompts, rows) if len(ids) > max_length]
-        if too_long:
-            logger.warning("%d prompt(s) are longer than the text encoder's context of %d tokens and were truncated, "
-                           "e.g. %r", len(too_long), max_length, too_long[0])
+        too_long = [ids for ids in rows if len(ids) > max_length]
+        if too_long:  # what was cut: the tokens between the kept L − 1 and the end-of-text token
+            logger.warning("%d prompt(s) are longer than the text encoder's context of %d tokens and were truncated; "
+                           "the first lost: %r", len(too_long), max_length,
+                           tok.decode(too_long[0][max_length - 1: -1]))
         rows = [ids[: max_length - 1] + [tok.eos_token_id] if len(ids) > max_length
                 else ids + [tok.pad_token_id] * (max_length - len(ids)) for ids in rows]
         return torch.tensor(rows, dtype=torch.long)
 
-    def check_inputs(self, prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                     guidance_rescale, eta, num_images_per_prompt, output_type, generator, latents) -> list[str] | None:
-        """Validate the arguments of __call__; return the negative prompts as a list (or None)."""
+    def get_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int | None, device,
+                      timesteps: list[int] | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
+        """Set the (call's own) scheduler's timesteps: n evenly by its spacing, or a custom list of timesteps or
+        sigmas (e.g. Align-Your-Steps) where its set_timesteps takes one."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass timesteps or sigmas, not both")
+        custom = "timesteps" if timesteps is not None else "sigmas" if sigmas is not None else None
+        if custom is None:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            if custom not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise ValueError(f"{custom} needs a scheduler whose set_timesteps takes custom {custom}; "
+                                 f"{type(scheduler).__name__} does not")
+            scheduler.set_timesteps(**{custom: timesteps if custom == "timesteps" else sigmas}, device=device)
+        return scheduler.timesteps
+
+    def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int, dtype, device,
+                        generator, latents: torch.Tensor | None = None,
+                        scheduler: SchedulerMixin | None = None) -> torch.Tensor:
+        """Initial noise x_T (B, C, h, w) (or the given latents), scaled by the scheduler's initial σ. The sampler
+        works in float32 whatever the networks' dtype, so `dtype` is only the U-Net's (diffusers' signature)."""
+        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        return latents.to(device=device, dtype=torch.float32) * (scheduler or self.scheduler).init_noise_sigma
+
+    def denoise(self, latents: torch.Tensor, scheduler: SchedulerMixin, guidance, embeds: torch.Tensor,
+                step_kwargs: dict, callback_on_step_end=None, callback_tensor_inputs=(),
+                prompt_embeds: torch.Tensor | None = None,
+                negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampling loop: per step one U-Net call on the passes guidance needs, guidance, a scheduler step, a
+        check that the latents are finite, and the step callback (which may replace tensors of
+        `_callback_tensor_inputs` or set `pipe._interrupt`)."""
+        state = self._call_state()
+        timestep_cond = None
+        if isinstance(guidance, EmbeddedGuidance):
+            timestep_cond = guidance.timestep_cond(len(latents), self.unet.config.time_cond_proj_dim, latents.device,
+                                                   self.unet.dtype)
+        eager = timestep_cond is not None or bool(state.cross_attention_kwargs)
+        unet = self._traced_unet.bind(self.unet, trace=self.use_tracing and not eager)
+        unet_dtype, timesteps = self.unet.dtype, scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if state.interrupt:
+                continue
+            model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.passes), t)
+            if eager:
+                output = self.unet(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
+                                   timestep_cond=timestep_cond, cross_attention_kwargs=state.cross_attention_kwargs,
+                                   return_dict=False)[0].float()
+            else:
+                output = unet(model_input.to(unet_dtype), t, embeds).float()
+            latents = scheduler.step(guidance(output), t, latents, **step_kwargs, return_dict=False)[0]
+            _check_finite(latents, f"the latents after step {i + 1} of {len(timesteps)}", guidance.scale)
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                           "negative_prompt_embeds": negative_prompt_embeds}
+                changed = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_tensor_inputs}) or {}
+                latents = changed.get("latents", latents)
+                if "prompt_embeds" in changed or "negative_prompt_embeds" in changed:
+                    prompt_embeds = changed.get("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = changed.get("negative_prompt_embeds", negative_prompt_embeds)
+                    embeds = torch.cat([e for e, run in ((negative_prompt_embeds, guidance.uncond),
+                                                         (prompt_embeds, guidance.cond)) if run])
+        return latents
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """z_0 → images of `output_type` ("latent": the latents themselves, in the U-Net's dtype, as diffusers
+        returns them, ready for pipe.vae.decode)."""
+        if output_type == "latent":
+            return latents.to(self.unet.dtype)
+        decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing)
+        decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
+        _check_finite(decoded, "the decoded images", self.guidance_scale)
+        return self.image_processor.postprocess(decoded, output_type=output_type)
+
+    def check_inputs(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt=None,
+                     prompt_embeds=None, negative_prompt_embeds=None, guidance_rescale=0.0, eta=0.0,
+                     num_images_per_prompt=1, output_type="pil", generator=None, latents=None, timesteps=None,
+                     sigmas=None, callback_on_step_end_tensor_inputs=None) -> int:
+        """Validate the arguments of __call__, naming the argument, the rule and the value; return the number of
+        prompts."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass prompt or prompt_embeds (one of them, not both)")
+        if prompt_embeds is not None:
+            _check_embeds("prompt_embeds", prompt_embeds, self.unet.config.cross_attention_dim)
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        if negative_prompt_embeds is not None:
+            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, self.unet.config.cross_attention_dim)
+            if prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds must have the shape of prompt_embeds "
+                                 f"{tuple(prompt_embeds.shape)}, got {tuple(negative_prompt_embeds.shape)}")
+        prompts = len(prompt_embeds) if prompt is None else len(_as_prompt_list("prompt", prompt))
+        if negative_prompt is not None:
+            negatives = _as_prompt_list("negative_prompt", negative_prompt)
+            if not isinstance(negative_prompt, str) and len(negatives) != prompts:
+                raise ValueError(f"negative_prompt must be one string or one per prompt ({prompts}), "
+                                 f"got {len(negatives)}")
         for name, value, native in (("height", height, self.native_size[0]), ("width", width, self.native_size[1])):
             if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
@@ -179,11 +386,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
                 raise ValueError(f"{name} must be at most {MAX_SIZE_FACTOR * native} ({MAX_SIZE_FACTOR} × the "
                                  f"model's native {native} px; the U-Net's attention memory grows with the fourth "
                                  f"power of the side), got {value!r}")
-        _check_positive_int("num_inference_steps", num_inference_steps)
-        train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
-        if train_steps is not None and num_inference_steps > train_steps:
-            raise ValueError(f"num_inference_steps must be at most {train_steps} (the scheduler's "
-                             f"num_train_timesteps), got {num_inference_steps!r}")
+        if timesteps is None and sigmas is None:
+            _check_positive_int("num_inference_steps", num_inference_steps)
+            train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
+            if train_steps is not None and num_inference_steps > train_steps:
+                raise ValueError(f"num_inference_steps must be at most {train_steps} (the scheduler's "
+                                 f"num_train_timesteps), got {num_inference_steps!r}")
         _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -194,7 +402,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        total = len(prompts) * num_images_per_prompt
+        unknown = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be some of {self._callback_tensor_inputs}, "
+                             f"got {sorted(unknown)}")
+        total = prompts * num_images_per_prompt
         generators = generator if isinstance(generator, list) else [generator]
         bad = next((g for g in generators if g is not None and not isinstance(g, torch.Generator)), None)
         if bad is not None or not generators:
@@ -202,7 +414,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
             raise TypeError(f"generator must be a torch.Generator or a list of them (e.g. "
                             f"torch.Generator().manual_seed(5)), got {got}")
         if isinstance(generator, list) and len(generator) != total:
-            raise ValueError(f"generator list must have one generator per image ({len(prompts)} prompts × "
+            raise ValueError(f"generator list must have one generator per image ({prompts} prompts × "
                              f"{num_images_per_prompt} images = {total}), got {len(generator)}")
         shape = (total, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and not isinstance(latents, torch.Tensor):
@@ -214,95 +426,98 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         if (height, width) != self.native_size:
             logger.warning("%dx%d is not the model's native %dx%d: a model trained at one size tends to repeat or "
                            "stretch objects at another", width, height, *self.native_size[::-1])
-        if negative_prompt is None:
-            return None
-        negatives = _as_prompt_list("negative_prompt", negative_prompt)
-        if isinstance(negative_prompt, str):
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt must be one string or one per prompt ({len(prompts)}), "
-                             f"got {len(negatives)}")
-        return negatives
+        return prompts
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 25,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
-    ) -> ImagePipelineOutput | tuple:
-        """Generate images for `prompt`.
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """Generate images for `prompt` (or for `prompt_embeds`); the arguments are diffusers'
+        StableDiffusionPipeline's.
 
         guidance_scale: s in ε̂ = ε_u + s (ε_c − ε_u) — the w + 1 of Ho & Salimans' (1 + w) ε_c − w ε_u. s = 1 is
             plain conditional sampling (no unconditional pass), s = 0 unconditional sampling (no conditional pass);
             otherwise both run as one batched U-Net call per step. Unlike diffusers' StableDiffusionPipeline, which
             samples conditionally whenever s ≤ 1, 0 ≤ s < 1 here means the formula above (s = 0: unconditional).
-        negative_prompt: replaces "" as the unconditional text.
+            A U-Net with guidance distilled in (LCM: `time_cond_proj_dim`) gets s as an embedding instead.
+        negative_prompt / negative_prompt_embeds: replace "" as the unconditional text.
+        timesteps / sigmas: a custom schedule instead of num_inference_steps (schedulers that take one).
         eta: DDIM's η (used by schedulers whose `step` takes it).
         generator / latents: the seed (one generator, or one per image) or the initial noise itself.
         output_type: "pil" (list of PIL images), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in [0, 1], or
             "latent" (the final latents, not decoded).
-        guidance_rescale: φ of Lin et al. 2024 (0 = off).
+        cross_attention_kwargs: passed to the U-Net's attention processors ({"scale": s} scales LoRA layers).
+        guidance_rescale: φ of Lin et al. 2024 (0 = off). clip_skip: use the text states that many layers before
+            the last.
+        callback_on_step_end(pipe, i, t, tensors) → tensors: called after each step with the tensors named in
+            callback_on_step_end_tensor_inputs (of `pipe._callback_tensor_inputs`); the ones it returns replace
+            them; `pipe._interrupt = True` stops sampling there, `pipe._guidance_scale` changes s for later steps.
         The progress bar is turned off with `pipe.set_progress_bar_config(disable=True)`.
         """
-        prompts = _as_prompt_list("prompt", prompt)
         height = self.native_size[0] if height is None else height
         width = self.native_size[1] if width is None else width
-        negatives = self.check_inputs(prompts, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                      guidance_rescale, eta, num_images_per_prompt, output_type, generator, latents)
+        prompts = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                                    prompt_embeds, negative_prompt_embeds, guidance_rescale, eta,
+                                    num_images_per_prompt, output_type, generator, latents, timesteps, sigmas,
+                                    callback_on_step_end_tensor_inputs)
+        state = self._call_state()
+        embedded = self.unet.config.time_cond_proj_dim is not None
+        guidance = (EmbeddedGuidance if embedded else ClassifierFreeGuidance)(guidance_scale, guidance_rescale)
+        state.guidance, state.clip_skip, state.interrupt = guidance, clip_skip, False
+        state.cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
         device = self._execution_device
-        n = num_images_per_prompt
 
-        # 1. Text conditions: (B·n, L, D), the unconditional rows first, as one text-encoder call.
-        run_uncond, run_cond = guidance_scale != 1, guidance_scale != 0
-        uncond_texts = negatives or [""] * len(prompts)
-        texts = (uncond_texts if run_uncond else []) + (prompts if run_cond else [])
-        embeds = self.encode_prompt(texts, device).repeat_interleave(n, dim=0)
+        # 1. Text conditions (B·n, L, D): the unconditional rows first, then the conditional ones.
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        if guidance.cond:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, device, num_images_per_prompt, guidance.uncond, negative_prompt, prompt_embeds,
+                negative_prompt_embeds, lora_scale, clip_skip)
+        else:  # unconditional sampling: only the negative (or empty) text
+            negative_prompt_embeds, _ = self.encode_prompt(
+                negative_prompt if negative_prompt is not None or negative_prompt_embeds is not None
+                else [""] * prompts, device, num_images_per_prompt, False, prompt_embeds=negative_prompt_embeds,
+                lora_scale=lora_scale, clip_skip=clip_skip)
+            prompt_embeds = None
+        embeds = torch.cat([e for e, run in ((negative_prompt_embeds, guidance.uncond), (prompt_embeds, guidance.cond))
+                            if run])
 
-        # 2. Initial noise x_T (B·n, C, h, w), scaled as the scheduler expects; the sampler works in float32 whatever
-        #    the networks' dtype. The call samples with its own copy of the scheduler: set_timesteps and multistep
-        #    solvers' history are per-call state, so threads sharing one pipeline must not share them.
+        # 2. The call's own scheduler (threads sharing the pipeline must not share its timesteps or multistep
+        #    history), its timesteps, and the initial noise.
         scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        shape = (len(prompts) * n, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+        timesteps = self.get_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
+        state.num_timesteps = len(timesteps)
+        latents = self.prepare_latents(prompts * num_images_per_prompt, self.unet.config.in_channels, height, width,
+                                       self.unet.dtype, device, generator, latents, scheduler)
         step_kwargs = _accepted_kwargs(scheduler.step, eta=eta, generator=generator)
 
-        # 3. Denoise: one U-Net call per step on [uncond; cond] when guiding.
-        unet, unet_dtype = self._traced_unet.bind(self.unet, trace=self.use_tracing), self.unet.dtype
-        passes = int(run_uncond) + int(run_cond)
-        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * passes), t)
-            output = unet(model_input.to(unet_dtype), t, embeds).float()
-            if passes == 2:
-                uncond, cond = output.chunk(2)
-                output = diffusion.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
-            latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
-            _check_finite(latents, f"the latents after step {i + 1} of {num_inference_steps}", guidance_scale)
-
-        # 4. Decode z_0 → image.
-        if output_type == "latent":
-            images = latents.to(self.unet.dtype)  # as diffusers returns them: ready for pipe.vae.decode
-        else:
-            decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing)
-            decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
-            _check_finite(decoded, "the decoded images", guidance_scale)
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        # 3. Denoise, 4. decode.
+        latents = self.denoise(latents, scheduler, guidance, embeds, step_kwargs, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs, prompt_embeds, negative_prompt_embeds)
+        images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else (images,)
 
 
 def _unet_forward(unet, sample, timestep, hidden_states):
@@ -343,6 +558,13 @@ def _as_prompt_list(name: str, value) -> list[str]:
         raise ValueError(f"{name} must be a str or a non-empty list of str, got an empty list")
     bad = value if not isinstance(value, (list, tuple)) else next(v for v in value if not isinstance(v, str))
     raise TypeError(f"{name} must be a str or a non-empty list of str, got {type(bad).__name__}: {bad!r}")
+
+
+def _check_embeds(name: str, embeds, width: int) -> None:
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[-1] != width:
+        got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(f"{name} must be a tensor (batch, tokens, {width}) (the U-Net's cross_attention_dim), "
+                         f"got {got}")
 
 
 def _check_positive_int(name: str, value) -> None:

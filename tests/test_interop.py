@@ -128,9 +128,11 @@ def test_an_interrupted_save_keeps_the_previous_model(tiny_pipe, tmp_path, monke
     assert not [p for p in target.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
 
 
-def test_save_refuses_pickles_and_files(tiny_pipe, tmp_path):
-    with pytest.raises(ValueError, match="safe_serialization must be True"):
-        tiny_pipe.save_pretrained(tmp_path / "m", safe_serialization=False)
+def test_save_writes_safetensors_even_when_asked_for_pickles_and_refuses_files(tiny_pipe, tmp_path, caplog):
+    tiny_pipe.save_pretrained(tmp_path / "m", safe_serialization=False)
+    assert "safe_serialization=False: latentdiff writes safetensors anyway" in caplog.text
+    files = [p.name for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert any(f.endswith(".safetensors") for f in files) and not any(f.endswith((".bin", ".pt", ".ckpt")) for f in files)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="save_directory must be a folder, got the file"):
         tiny_pipe.save_pretrained(tmp_path / "file")
