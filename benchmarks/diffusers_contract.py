@@ -59,6 +59,8 @@ PLUGIN = textwrap.dedent('''
 
         diffusers.StableDiffusionPipeline = LatentDiffusionPipeline
         diffusers.pipelines.StableDiffusionPipeline = LatentDiffusionPipeline
+        # some tests find the class under test in diffusers.pipelines by its own name (to read its source)
+        diffusers.pipelines.LatentDiffusionPipeline = LatentDiffusionPipeline
 ''')
 
 

@@ -228,15 +228,6 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         `clip_skip` layers before the last, through the final layer norm), each prompt's rows repeated
         `num_images_per_prompt` times; the negative ones ("" unless given) only with classifier-free guidance.
         Given embeddings are used as they are. `lora_scale` scales the text encoder's LoRA layers for this call."""
-        if lora_scale is not None and any("lora" in n for n, _ in self.text_encoder.named_modules()):
-            from diffusers.utils import scale_lora_layers, unscale_lora_layers
-
-            scale_lora_layers(self.text_encoder, lora_scale)
-            try:
-                return self.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-                                          negative_prompt, prompt_embeds, negative_prompt_embeds, None, clip_skip)
-            finally:
-                unscale_lora_layers(self.text_encoder, lora_scale)
         prompts = None if prompt_embeds is not None else _as_prompt_list("prompt", prompt)
         batch = len(prompt_embeds) if prompts is None else len(prompts)
         negatives = []
@@ -249,22 +240,25 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                                  f"got {len(negatives)}")
         texts = negatives + (prompts or [])
         if texts:  # one text-encoder call for the negative and the positive texts
-            states = self._text_states(texts, device, clip_skip)
+            with _lora_scaled(self.text_encoder, lora_scale):
+                states = self._text_states(texts, device, clip_skip)
             if negatives:
                 negative_prompt_embeds = states[: len(negatives)]
             if prompts is not None:
                 prompt_embeds = states[len(negatives):]
         dtype = self.unet.dtype if self.unet is not None else self.text_encoder.dtype
-        repeat = lambda e: None if e is None else e.to(device=device, dtype=dtype).repeat_interleave(  # noqa: E731
-            num_images_per_prompt, dim=0)
-        return repeat(prompt_embeds), repeat(negative_prompt_embeds) if do_classifier_free_guidance else None
+        prompt_embeds = _per_image(prompt_embeds, num_images_per_prompt, device, dtype)
+        negative_prompt_embeds = _per_image(negative_prompt_embeds if do_classifier_free_guidance else None,
+                                            num_images_per_prompt, device, dtype)
+        return prompt_embeds, negative_prompt_embeds
 
     def _text_states(self, prompts: list[str], device, clip_skip: int | None = None) -> torch.Tensor:
         ids = self.tokenize(prompts).to(device)
         if clip_skip is None:
             return self.text_encoder(ids)[0]
         hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        return self.text_encoder.text_model.final_layer_norm(hidden)
+        encoder = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 5 has no text_model
+        return encoder.final_layer_norm(hidden)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (B, L) padded to the context L; longer prompts keep their first L − 1 tokens plus end-of-text
@@ -538,6 +532,26 @@ def _without_log_records(logger_name: str, text: str):
         yield
     finally:
         target.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _lora_scaled(text_encoder, scale: float | None):
+    """The text encoder's LoRA layers scaled by `scale` for the block (nothing to do without LoRA layers)."""
+    if scale is None or not any("lora" in name for name, _ in text_encoder.named_modules()):
+        yield
+        return
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    scale_lora_layers(text_encoder, scale)
+    try:
+        yield
+    finally:
+        unscale_lora_layers(text_encoder, scale)
+
+
+def _per_image(embeds: torch.Tensor | None, n: int, device, dtype) -> torch.Tensor | None:
+    """Each prompt's rows repeated n times, in order (prompt 0's n rows first)."""
+    return None if embeds is None else embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
 
 
 def _check_finite(tensor: torch.Tensor, what: str, guidance_scale: float) -> None:
