@@ -23,18 +23,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = lambda name, **kw: commands.add_parser(name, formatter_class=argparsing.HelpFormatter, **kw)  # noqa: E731
 
     gen = sub("generate", help="generate an image (a grid when --num-images > 1) from a prompt")
-    gen.add_argument("prompt", help="what the image should show")
+    gen.add_argument("prompt", nargs="?", default=None, help="what the image should show (or --from-png)")
+    gen.add_argument("--from-png", default=None, metavar="PNG",
+                     help="make the image a PNG written by latentdiff again, with the parameters it carries (flags "
+                          "given as well replace them; default: none)")
     gen.add_argument("--model", default=None, help="model folder, or a shipped model's name: emoji (the default) "
                                                   "or shapes")
     gen.add_argument("--out", default="image.png", help="image file to write; its extension picks the format")
-    gen.add_argument("--steps", type=positive_int, default=25, help="sampling steps (default: 25)")
-    gen.add_argument("--guidance-scale", type=guidance, default=7.5, help="classifier-free guidance s (default: 7.5)")
-    gen.add_argument("--seed", type=seed, default=0, help="seed of the initial noise")
-    gen.add_argument("--num-images", type=positive_int, default=1, help="images of the prompt, written as one grid")
+    gen.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: 25)")
+    gen.add_argument("--guidance-scale", type=guidance, default=None, help="classifier-free guidance s (default: 7.5)")
+    gen.add_argument("--seed", type=seed, default=None, help="seed of the initial noise; image k of --num-images "
+                                                             "gets seed + k, as in AUTOMATIC1111 (default: 0)")
+    gen.add_argument("--num-images", type=positive_int, default=1,
+                     help="images of the prompt: each written as OUT-k.png, and all as one grid in OUT")
     gen.add_argument("--negative-prompt", default=None, help="text to steer away from (default: none, the empty prompt)")
     gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the model's own")
     gen.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's native size)")
     gen.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's native size)")
+
+    info = sub("info", help="print the parameters a PNG written by latentdiff carries")
+    info.add_argument("image", help="a PNG written by `latentdiff generate`")
 
     data = sub("data", help="write a built-in data set as a `datasets` imagefolder")
     kinds = data.add_subparsers(dest="kind", required=True)
@@ -93,25 +101,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(args) -> Path:
+GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "seed": 0}
+
+
+def generation_args(args) -> None:
+    """Fill the generate flags left unset: from --from-png's parameters, else the defaults."""
+    from .images import read_parameters
+
+    made = {}
+    if args.from_png is not None:
+        made = read_parameters(args.from_png)
+        for key in ("prompt", "negative_prompt", "model", "height", "width"):
+            if getattr(args, key) is None:
+                setattr(args, key, made.get(key))
+        if args.scheduler is None:
+            args.scheduler = made.get("scheduler_choice")
+    elif args.prompt is None:
+        raise ValueError("give a prompt (or --from-png IMAGE.png)")
+    for key, default in GENERATE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, made.get(key, default))
+    if args.seed + args.num_images - 1 > argparsing.MAX_SEED:
+        raise ValueError(f"--seed + --num-images − 1 must be at most 2**64 − 1, got {args.seed + args.num_images - 1}")
+
+
+def generate(args) -> list[Path]:
+    """The images of the prompt, each with its own seed (seed + k) and its parameters in its PNG; with several,
+    OUT-k.png each and the grid in OUT. Returns the paths written."""
     import torch
 
-    from .images import image_grid
+    from . import __version__
+    from .images import image_grid, save_image
     from .pipeline import LatentDiffusionPipeline
     from .schedulers import scheduler_from_name
 
+    generation_args(args)
     out = Path(args.out)
     check_image_out(out)
     check_generate_bounds(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    seeds = [args.seed + k for k in range(args.num_images)]
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                  height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed)).images
+                  height=args.height, width=args.width,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     out.parent.mkdir(parents=True, exist_ok=True)
-    (image_grid(images) if len(images) > 1 else images[0]).save(out)
-    return out
+    params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+              "guidance_scale": args.guidance_scale, "height": images[0].height, "width": images[0].width,
+              "scheduler": type(pipe.scheduler).__name__, "scheduler_choice": args.scheduler,
+              "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
+    if len(images) == 1:
+        save_image(images[0], out, {**params, "seed": seeds[0]})
+        return [out]
+    paths = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(images))]
+    for path, image, s in zip(paths, images, seeds):
+        save_image(image, path, {**params, "seed": s})
+    save_image(image_grid(images), out)
+    return [*paths, out]
 
 
 MAX_IMAGES = 64  # --num-images: the images of one command are one batch
@@ -295,7 +343,12 @@ def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     if args.command == "generate":
-        print(f"wrote {generate(args)}")
+        paths = generate(args)
+        print(f"wrote {paths[-1]}" + (f" and {len(paths) - 1} images beside it" if len(paths) > 1 else ""))
+    elif args.command == "info":
+        from .images import parameters_text, read_parameters
+
+        print(parameters_text(read_parameters(args.image)))
     elif args.command == "run-recipe":
         from .recipes import run_recipe
 

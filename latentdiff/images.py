@@ -65,3 +65,59 @@ def wrap_label(text: str, width: float, draw: ImageDraw.ImageDraw, font, max_lin
     if len(lines) > max_lines:
         lines = lines[: max_lines - 1] + [" ".join(lines[max_lines - 1:])]
     return [fit(line) for line in lines]
+
+
+# How an image was made, inside the PNG -------------------------------------------------------------------------------
+
+PARAMETERS_KEY, JSON_KEY = "parameters", "latentdiff"  # AUTOMATIC1111's text chunk, and ours (JSON)
+A1111_SAMPLERS = {"DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "DPMSolverMultistepScheduler": "DPM++ 2M",
+                  "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+                  "LMSDiscreteScheduler": "LMS", "PNDMScheduler": "PLMS", "HeunDiscreteScheduler": "Heun",
+                  "LCMScheduler": "LCM", "UniPCMultistepScheduler": "UniPC"}
+
+
+def parameters_text(params: dict) -> str:
+    """AUTOMATIC1111's `parameters` text: the prompt, `Negative prompt: …`, then `Steps: N, Sampler: …, CFG scale:
+    S, Seed: K, Size: WxH, Model: …, Version: …` (what A1111, ComfyUI and civitai read)."""
+    lines = [params["prompt"]]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    fields = {"Steps": params["steps"], "Sampler": A1111_SAMPLERS.get(params["scheduler"], params["scheduler"]),
+              "CFG scale": params["guidance_scale"], "Seed": params["seed"],
+              "Size": f"{params['width']}x{params['height']}", "Model": params["model"],
+              "Version": params["version"]}
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def save_image(image: Image.Image, path, params: dict | None = None) -> None:
+    """Save `image`; a PNG also carries `params` as A1111's `parameters` chunk and as JSON (`latentdiff`)."""
+    import json
+    from pathlib import Path
+
+    from PIL import PngImagePlugin
+
+    if params is None or Path(path).suffix.lower() != ".png":
+        image.save(path)
+        return
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PARAMETERS_KEY, parameters_text(params))
+    info.add_itxt(JSON_KEY, json.dumps(params, ensure_ascii=False))
+    image.save(path, pnginfo=info)
+
+
+def read_parameters(path) -> dict:
+    """The generation parameters a PNG written by latentdiff carries (ValueError naming the file otherwise)."""
+    import json
+
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(JSON_KEY) if hasattr(image, "text") else None
+    except OSError as error:
+        raise ValueError(f"{path} is not a readable image: {error}") from None
+    if text is None:
+        raise ValueError(f"{path} carries no latentdiff parameters (a PNG written by `latentdiff generate` does)")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ValueError(f"{path}: its latentdiff parameters are not valid JSON") from None

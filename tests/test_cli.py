@@ -81,3 +81,32 @@ def test_bad_flags_are_named_by_their_flag(tiny_dir, flag, value, message, capsy
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "x", "--model", str(tiny_dir), flag, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_png_carries_how_it_was_made_and_can_be_made_again(tiny_dir, tmp_path, capsys):
+    import numpy as np
+
+    from latentdiff.images import read_parameters
+
+    grid = tmp_path / "grid.png"
+    assert main(["generate", "a red circle", "--model", str(tiny_dir), "--out", str(grid), "--steps", "3",
+                 "--num-images", "2", "--seed", "7", "--negative-prompt", "blurry", "--scheduler", "ddim"]) == 0
+    assert "and 2 images beside it" in capsys.readouterr().out
+    first, second = tmp_path / "grid-0.png", tmp_path / "grid-1.png"
+    text = Image.open(second).text["parameters"]
+    assert text.splitlines()[:2] == ["a red circle", "Negative prompt: blurry"]
+    assert text.splitlines()[2].startswith("Steps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 32x32, Model: ")
+    assert read_parameters(second)["seed"] == 8
+    assert main(["info", str(second)]) == 0 and capsys.readouterr().out.strip() == text
+    again = tmp_path / "again.png"  # the second image alone, from its PNG: the same pixels
+    assert main(["generate", "--from-png", str(second), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(second)))
+    alone = tmp_path / "alone.png"  # and from its seed, as AUTOMATIC1111 numbers a batch's seeds
+    assert main(["generate", "a red circle", "--model", str(tiny_dir), "--out", str(alone), "--steps", "3",
+                 "--seed", "8", "--negative-prompt", "blurry", "--scheduler", "ddim"]) == 0
+    assert np.array_equal(np.asarray(Image.open(alone)), np.asarray(Image.open(second)))
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+    assert main(["info", str(grid)]) == 2  # the grid is not one generation
+    assert "carries no latentdiff parameters" in capsys.readouterr().err
+    assert main(["generate", "--out", str(tmp_path / "x.png")]) == 2
+    assert "give a prompt (or --from-png IMAGE.png)" in capsys.readouterr().err
