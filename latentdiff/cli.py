@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images of the prompt: each written as OUT-k.png, and all as one grid in OUT")
     gen.add_argument("--negative-prompt", default=None, help="text to steer away from (default: none, the empty prompt)")
     gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the model's own")
+    gen.add_argument("--init-image", default=None, metavar="PATH",
+                     help="start from this image (img2img; default: none, from noise)")
+    gen.add_argument("--strength", type=float, default=None,
+                     help="how much of the schedule --init-image goes through: 1 ignores it, 0 returns it "
+                          "(default: 0.8; 1 with --mask)")
+    gen.add_argument("--mask", default=None, metavar="PATH",
+                     help="inpaint: white is generated, black kept from --init-image (default: none)")
     gen.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's native size)")
     gen.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's native size)")
 
@@ -111,7 +118,7 @@ def generation_args(args) -> None:
     made = {}
     if args.from_png is not None:
         made = read_parameters(args.from_png)
-        for key in ("prompt", "negative_prompt", "model", "height", "width"):
+        for key in ("prompt", "negative_prompt", "model", "height", "width", "init_image", "strength", "mask"):
             if getattr(args, key) is None:
                 setattr(args, key, made.get(key))
         if args.scheduler is None:
@@ -121,6 +128,15 @@ def generation_args(args) -> None:
     for key, default in GENERATE_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, made.get(key, default))
+    if args.mask is not None and args.init_image is None:
+        raise ValueError("--mask needs --init-image, the picture to fill in")
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength needs --init-image, the picture to start from")
+    for flag in ("init_image", "mask"):
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} must be an image file, got {getattr(args, flag)!r}")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
     if args.seed + args.num_images - 1 > argparsing.MAX_SEED:
         raise ValueError(f"--seed + --num-images − 1 must be at most 2**64 − 1, got {args.seed + args.num_images - 1}")
 
@@ -130,7 +146,10 @@ def generate(args) -> list[Path]:
     OUT-k.png each and the grid in OUT. Returns the paths written."""
     import torch
 
+    from PIL import Image
+
     from . import __version__
+    from .image_to_image import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
     from .images import image_grid, save_image
     from .pipeline import LatentDiffusionPipeline
     from .schedulers import scheduler_from_name
@@ -139,19 +158,29 @@ def generate(args) -> list[Path]:
     out = Path(args.out)
     check_image_out(out)
     check_generate_bounds(args)
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model)
+    extra = {}
+    if args.init_image is not None:
+        extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
+    if args.mask is not None:
+        extra["mask_image"] = Image.open(args.mask)
+    pipeline_class = (LatentDiffusionInpaintPipeline if args.mask else LatentDiffusionImg2ImgPipeline
+                      if args.init_image else LatentDiffusionPipeline)
+    pipe = pipeline_class.from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     seeds = [args.seed + k for k in range(args.num_images)]
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                   height=args.height, width=args.width,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], **extra).images
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
               "guidance_scale": args.guidance_scale, "height": images[0].height, "width": images[0].width,
               "scheduler": type(pipe.scheduler).__name__, "scheduler_choice": args.scheduler,
               "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
+    if args.init_image is not None:  # where the image came from (paths as given), for --from-png
+        params.update(init_image=args.init_image, mask=args.mask,
+                      strength=args.strength if args.strength is not None else pipe.default_strength)
     if len(images) == 1:
         save_image(images[0], out, {**params, "seed": seeds[0]})
         return [out]

@@ -85,6 +85,7 @@ def parameters_text(params: dict) -> str:
     fields = {"Steps": params["steps"], "Sampler": A1111_SAMPLERS.get(params["scheduler"], params["scheduler"]),
               "CFG scale": params["guidance_scale"], "Seed": params["seed"],
               "Size": f"{params['width']}x{params['height']}", "Model": params["model"],
+              **({"Denoising strength": params["strength"]} if params.get("init_image") else {}),
               "Version": params["version"]}
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     return "\n".join(lines)

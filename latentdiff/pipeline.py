@@ -326,6 +326,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             else:
                 output = unet(model_input.to(unet_dtype), t, embeds).float()
             latents = scheduler.step(guidance(output), t, latents, **step_kwargs, return_dict=False)[0]
+            latents = self.after_step(latents, i, timesteps, scheduler)
             _check_finite(latents, f"the latents after step {i + 1} of {len(timesteps)}", guidance.scale)
             if callback_on_step_end is not None:
                 tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
@@ -337,6 +338,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                     negative_prompt_embeds = changed.get("negative_prompt_embeds", negative_prompt_embeds)
                     embeds = torch.cat([e for e, run in ((negative_prompt_embeds, guidance.uncond),
                                                          (prompt_embeds, guidance.cond)) if run])
+        return latents
+
+    def after_step(self, latents: torch.Tensor, i: int, timesteps: torch.Tensor,
+                   scheduler: SchedulerMixin) -> torch.Tensor:
+        """What a pipeline does to the latents after step i (inpainting puts the known region back); nothing here."""
         return latents
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
