@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import __version__, argparsing
 from .argparsing import guidance, positive_int, seed
+from .data.build import add_data_commands, make_data
 from .schedulers import SCHEDULER_NAMES
 
 STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -52,31 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("image", help="a PNG written by `latentdiff generate`")
 
     data = sub("data", help="write a built-in data set as a `datasets` imagefolder")
-    kinds = data.add_subparsers(dest="kind", required=True)
-    shapes = kinds.add_parser("shapes", formatter_class=argparsing.HelpFormatter, help="procedural shapes scenes with ground truth (for the oracle)")
-    shapes.add_argument("--n", type=positive_int, default=20000, help="number of scenes (default: 20000)")
-    shapes.add_argument("--size", type=positive_int, default=64, help="image side, 16 to 512 (default: 64)")
-    shapes.add_argument("--seed", type=seed, default=0, help="seed of the scenes")
-    shapes.add_argument("--out", required=True, help="folder to write the data set into")
-    shapes.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
-    held = shapes.add_mutually_exclusive_group()
-    held.add_argument("--holdout", default=None, metavar="PAIRS",
-                      help="colour-shape pairs no training scene or caption may hold, e.g. 'red circle,blue star' (default: none held out)")
-    held.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
-                      help="hold out this fraction of the 48 colour-shape pairs, chosen by --holdout-seed (default: none)")
-    shapes.add_argument("--holdout-seed", type=seed, default=0, help="seed of the --holdout-fraction draw (default: 0)")
-    shapes.add_argument("--unseen-prompts", type=positive_int, default=600,
-                        help="evaluation prompts with held-out pairs, written to OUT/unseen.jsonl (default: 600)")
-    emoji = kinds.add_parser("emoji", formatter_class=argparsing.HelpFormatter, help="every emoji the colour font can draw, captioned with its names")
-    emoji.add_argument("--size", type=positive_int, default=64, help="image side (default: 64)")
-    emoji.add_argument("--out", required=True, help="folder to write the data set into")
-    emoji.add_argument("--font", default=None, help="colour emoji font (default: Noto Color Emoji from the OS)")
-    emoji.add_argument("--background", default=None,
-                       help="a colour name or 'random' (default: white, not mentioned in captions)")
-    emoji.add_argument("--random-placement", action="store_true", help="random size and position, captioned")
-    emoji.add_argument("--per-emoji", type=positive_int, default=1, help="images per emoji (default: 1)")
-    emoji.add_argument("--seed", type=seed, default=0, help="seed of backgrounds and placement")
-    emoji.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
+    add_data_commands(data)
 
     sub("eval", help="evaluate a model (CLIP score, FD, oracle accuracy) over guidance scales",
                         add_help=False)
@@ -198,8 +175,7 @@ def check_generate_bounds(args) -> None:
     """--steps, --height, --width and --num-images against the model's configs, before any weights load."""
     import json
 
-    from .model_folder import resolve_model_dir
-    from .models import vae_scale_factor
+    from .model_folder import resolve_model_dir, vae_scale_factor
     from .pipeline import MAX_SIZE_FACTOR
 
     if args.num_images > MAX_IMAGES:
@@ -237,57 +213,6 @@ def check_image_out(out: Path) -> None:
             if not parent.is_dir():
                 raise ValueError(f"--out {str(out)!r} lies under {str(parent)!r}, which is a file")
             break
-
-
-def check_data_args(args) -> None:
-    """The data flags' own rules, before anything is drawn (recipes check them before any stage runs)."""
-    if args.kind != "shapes":
-        return
-    from .data import shapes
-
-    if not shapes.MIN_IMAGE_SIZE <= args.size <= shapes.MAX_IMAGE_SIZE:
-        raise ValueError(f"--size must be from {shapes.MIN_IMAGE_SIZE} to {shapes.MAX_IMAGE_SIZE}, got {args.size}")
-    if args.holdout is not None:
-        shapes.parse_pairs(args.holdout)
-    elif args.holdout_fraction is not None:
-        shapes.sample_holdout(args.holdout_fraction, args.holdout_seed)
-
-
-def make_data(args) -> str:
-    from .data.imagefolder import write_imagefolder
-
-    check_data_args(args)
-    if args.kind == "shapes":
-        import json
-
-        from .data import shapes
-
-        holdout = (shapes.parse_pairs(args.holdout) if args.holdout is not None
-                   else shapes.sample_holdout(args.holdout_fraction, args.holdout_seed)
-                   if args.holdout_fraction is not None else [])
-        extra = {}
-        if holdout:  # the split travels with the data set; the unseen prompts use a seed no training scene uses
-            split = {"holdout": [" ".join(p) for p in holdout], "holdout_fraction": args.holdout_fraction,
-                     "holdout_seed": args.holdout_seed if args.holdout_fraction is not None else None,
-                     "seed": args.seed, "unseen_prompts": "unseen.jsonl", "unseen_seed": args.seed + 1}
-            unseen = shapes.unseen_prompts(args.unseen_prompts, holdout, args.size, args.seed + 1)
-            extra = {shapes.SPLIT_FILE: json.dumps(split, indent=2) + "\n",
-                     "unseen.jsonl": "".join(json.dumps(row) + "\n" for row in unseen)}
-        n = write_imagefolder(args.out, shapes.shapes_rows(args.n, args.size, args.seed, holdout),
-                              overwrite=args.overwrite, extra_files=extra)
-        held = f"; held out {len(holdout)} pairs ({', '.join(' '.join(p) for p in holdout)})" if holdout else ""
-        return f"wrote {n} shapes scenes ({args.size}x{args.size}) to {args.out}{held}"
-    from .data.emoji import render_emoji_set
-
-    skipped = []
-
-    def rows():
-        skipped.extend((yield from render_emoji_set(args.size, args.font, args.background, args.random_placement,
-                                                    args.per_emoji, args.seed)))
-
-    n = write_imagefolder(args.out, rows(), overwrite=args.overwrite)
-    return (f"wrote {n} emoji images ({args.size}x{args.size}) to {args.out}; skipped {len(skipped)} emoji "
-            "sequences the font does not draw as one glyph")
 
 
 def export_model(args) -> tuple[Path, int]:

@@ -23,7 +23,8 @@ from . import argparsing, trainer
 from .data.loader import readable_batches
 from .evaluation import two_way_retrieval
 from .model_folder import write_component
-from .models import build_clip, load_preset, save_clip_folder, text_encoder_from_clip
+from .model_folder import save_clip_folder
+from .models import build_clip, load_preset, text_encoder_from_clip
 from .tokenizer import train_tokenizer
 
 MAX_LOGIT_SCALE = math.log(100)  # the temperature 1/τ is clamped at 100 (Radford et al. 2021, §2.5)

@@ -220,6 +220,24 @@ def load_scheduler(folder: Path) -> SchedulerMixin:
     return cls.from_pretrained(folder)
 
 
+def vae_scale_factor(vae_config) -> int:
+    """How much the VAE shrinks each side: one factor 2 per down block after the first (a dict or a config)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shard_size: str | int = "15MB",
+                     variant: str | None = None) -> None:
+    """The whole CLIP with its tokenizer and image-processor config, so any transformers CLIP tool can load it.
+    Our CLIP takes images in [−1, 1]: the processor maps [0, 1] there (mean = std = 0.5)."""
+    from transformers import CLIPImageProcessor
+
+    size = clip.config.vision_config.image_size
+    clip.save_pretrained(folder, max_shard_size=max_shard_size, variant=variant)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+
+
 def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
     """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker), written to a
     temporary file and renamed, so a reader never sees half of it."""

@@ -15,6 +15,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .model_folder import vae_scale_factor
 from .schedulers import scheduler_class
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -56,11 +57,6 @@ def _check_preset(config: dict) -> None:
         raise ValueError("preset: tokenizer.model_max_length must not exceed clip.text_config.max_position_embeddings")
 
 
-def vae_scale_factor(vae_config) -> int:
-    """How much the VAE shrinks each side: one factor 2 per down block after the first (a dict or a config)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 def build_clip(preset: dict, tokenizer: CLIPTokenizer) -> CLIPModel:
     """A randomly initialised CLIPModel (text and image towers) whose vocabulary and special ids are the tokenizer's."""
     clip = preset["clip"]
@@ -79,19 +75,6 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
     return text_encoder.to(clip.dtype)
-
-
-def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shard_size: str | int = "15MB",
-                     variant: str | None = None) -> None:
-    """The whole CLIP with its tokenizer and image-processor config, so any transformers CLIP tool can load it.
-    Our CLIP takes images in [−1, 1]: the processor maps [0, 1] there (mean = std = 0.5)."""
-    from transformers import CLIPImageProcessor
-
-    size = clip.config.vision_config.image_size
-    clip.save_pretrained(folder, max_shard_size=max_shard_size, variant=variant)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
 
 
 def build_vae(preset: dict) -> AutoencoderKL:

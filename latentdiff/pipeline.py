@@ -22,9 +22,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from . import attention, diffusion, model_folder
+from . import attention, model_folder
 from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
-from .models import save_clip_folder, vae_scale_factor
+from .model_folder import save_clip_folder, vae_scale_factor
 from .tracing import TracedCall
 
 logger = logging.getLogger(__name__)

@@ -139,9 +139,9 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
             if args:
                 raise ValueError(f"recipe {path}: [data] args are for the built-in data sets, not kind = \"folder\"")
             return
-        from .cli import build_parser
+        from .data.build import data_parser
 
-        parser, argv = build_parser(), ["data", recipe["data"]["kind"], "--out", "OUT", *args]
+        parser, argv = data_parser(), ["data", recipe["data"]["kind"], "--out", "OUT", *args]
     elif stage == "eval":
         from .eval_job import build_parser
 
@@ -162,7 +162,7 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
         raise ValueError(f"recipe {path}: [{stage}] args: {reason}") from None
     try:  # the flags' own rules (ranges, combinations), as the stage would check them when it starts
         if stage == "data":
-            from .cli import check_data_args
+            from .data.build import check_data_args
 
             check_data_args(parsed)
         elif stage == "eval":
@@ -216,12 +216,12 @@ def _validate_gates(path: Path, recipe: dict) -> None:
 
 
 def _data_stage(recipe: dict, out: Path) -> dict:
-    from .cli import build_parser, make_data
+    from .data.build import data_parser, make_data
 
     data = recipe["data"]
     if data["kind"] == "folder":
         return {"data": data["path"]}
-    print(make_data(build_parser().parse_args(["data", data["kind"], "--out", str(out / "data"), "--overwrite",
+    print(make_data(data_parser().parse_args(["data", data["kind"], "--out", str(out / "data"), "--overwrite",
                                                *data.get("args", [])])))
     return {"data": str(out / "data")}
 

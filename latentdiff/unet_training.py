@@ -35,7 +35,8 @@ from .clip_training import tokenize
 from .data.loader import item_generator, readable_batches
 from .images import image_grid
 from .model_folder import check_weights, load_scheduler
-from .models import build_scheduler, build_unet, load_preset, vae_scale_factor
+from .model_folder import vae_scale_factor
+from .models import build_scheduler, build_unet, load_preset
 from .pipeline import LatentDiffusionPipeline
 from .schedulers import DDIMScheduler, DDPMScheduler
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from latentdiff.models import build_unet, build_vae, count_parameters, load_preset, preset_names, vae_scale_factor
+from latentdiff.model_folder import vae_scale_factor
+from latentdiff.models import build_unet, build_vae, count_parameters, load_preset, preset_names
 
 
 def test_the_three_presets_exist():

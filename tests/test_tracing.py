@@ -1,7 +1,6 @@
 """Traced inference gives the eager pipeline's images exactly, and never replays a graph that no longer applies."""
 
 import numpy as np
-import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
