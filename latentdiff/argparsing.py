@@ -7,6 +7,14 @@ import argparse
 import sys
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag value → torch dtype name
+
+
+def torch_dtype(name: str):
+    """The torch dtype a --dtype flag value names (fp32, bf16, fp16)."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -11,7 +11,6 @@ from .argparsing import guidance, positive_int, seed
 from .data.build import add_data_commands, make_data
 from .schedulers import SCHEDULER_NAMES
 
-STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 PROVENANCE_FILES = ("recipe.json",)
 
 
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (e.g. latentdiff/assets/default-model)")
     export.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                         help="store this sampler instead of the model's own (same noise schedule and prediction type; default: the model's own)")
-    export.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="fp16",
+    export.add_argument("--dtype", choices=tuple(argparsing.DTYPE_NAMES), default="fp16",
                         help="precision of the stored weights (default: fp16, half the size; they load as fp32)")
     export.add_argument("--no-clip", action="store_true",
                         help="leave out clip/ (the judge for CLIP score and retrieval; generation does not use it)")
@@ -237,7 +236,7 @@ def export_model(args) -> tuple[Path, int]:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     if args.no_clip:
         pipe.clip = None
-    pipe.to(dtype=getattr(torch, STORAGE_DTYPES[args.dtype]))
+    pipe.to(dtype=argparsing.torch_dtype(args.dtype))
     for component in ("unet", "vae", "text_encoder", "clip"):
         module = getattr(pipe, component)
         for name, tensor in (module.state_dict().items() if module is not None else ()):

@@ -24,24 +24,20 @@ from .data.loader import readable_batches
 from .evaluation import two_way_retrieval
 from .model_folder import write_component
 from .model_folder import save_clip_folder
-from .models import build_clip, load_preset, text_encoder_from_clip
+from .models import build_clip, load_preset, pooled, text_encoder_from_clip
 from .tokenizer import train_tokenizer
 
 MAX_LOGIT_SCALE = math.log(100)  # the temperature 1/τ is clamped at 100 (Radford et al. 2021, §2.5)
 
 
-def _features(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 4 / 5
-
-
 def embed_images(clip: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """Unit-norm image embeddings (B, P) for images in [−1, 1] at the vision tower's resolution."""
-    return F.normalize(_features(clip.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
+    return F.normalize(pooled(clip.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
 
 
 def embed_texts(clip: CLIPModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Unit-norm text embeddings (B, P)."""
-    return F.normalize(_features(clip.get_text_features(input_ids=input_ids)).float(), dim=-1)
+    return F.normalize(pooled(clip.get_text_features(input_ids=input_ids)).float(), dim=-1)
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device=None, full_context: bool = True) -> torch.Tensor:

@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from . import argparsing
+from .files import write_atomically
 from . import evaluation as ev
 from .images import image_grid
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=argparsing.positive_int, default=25, help="sampling steps per image")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None,
                         help="sampler (default: the model's own)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=tuple(argparsing.DTYPE_NAMES), default="fp32",
                         help="the networks' precision while generating (the judge always runs in fp32)")
     parser.add_argument("--images-per-prompt", type=argparsing.positive_int, default=4, help="images per prompt and scale")
     parser.add_argument("--seed", type=argparsing.seed, default=0, help="base seed; each image has its own, derived from it")
@@ -300,7 +300,7 @@ def diversity(pipe, prompts: list[ev.Prompt], scale: float, args) -> dict | None
 def write_tables(out: Path, report: dict, per_image: list[dict] | None = None) -> None:
     """report.json, report.csv (one row per guidance scale, and per group), prompts.csv and sweep.png."""
     rows = report["scales"]
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
     with open(out / "report.csv", "w", newline="") as f:
         columns = ["guidance_scale", "group", "clip_score", "clip_score_ci", "retrieval_top1", "retrieval_top1_ci",
                    "retrieval_top5", "retrieval_top5_ci", "retrieval_candidates", "fd", "fd_generated", "fd_reference",
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
                              "CLIP folder or open_clip:ARCH:CHECKPOINT")
         print(f"no judge ({model_dir} has no clip/ and no --judge was given): CLIP score, retrieval and FD are "
               "skipped; the oracle scores the images")
-    pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device, dtype=DTYPES[args.dtype])
+    pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device, dtype=argparsing.torch_dtype(args.dtype))
     if args.scheduler:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

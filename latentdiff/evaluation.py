@@ -32,6 +32,7 @@ from PIL import Image
 
 from .data.oracle import read_scene, relation_between
 from .data.shapes import Scene
+from .models import pooled
 
 ORACLE_TASKS = ("object", "colour", "position", "count", "colour_binding", "relation")
 
@@ -118,7 +119,7 @@ class Judge:
                 features = self.model.encode_image(torch.stack([self.preprocess(im) for im in chunk]).to(self.device))
             else:
                 pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-                features = _tensor(self.model.get_image_features(pixel_values=pixels))
+                features = pooled(self.model.get_image_features(pixel_values=pixels))
             out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
 
@@ -133,14 +134,10 @@ class Judge:
             else:
                 tokens = self.processor.tokenizer(chunk, padding=True, truncation=True, return_tensors="pt",
                                                   max_length=self.model.config.text_config.max_position_embeddings)
-                features = _tensor(self.model.get_text_features(input_ids=tokens.input_ids.to(self.device),
+                features = pooled(self.model.get_text_features(input_ids=tokens.input_ids.to(self.device),
                                                                 attention_mask=tokens.attention_mask.to(self.device)))
             out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
-
-
-def _tensor(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 4 / 5
 
 
 # 3. Metrics -----------------------------------------------------------------------------------------------------------

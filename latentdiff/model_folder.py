@@ -13,7 +13,6 @@ refused, because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from .files import write_atomically
 from .schedulers import scheduler_class
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
@@ -252,9 +252,7 @@ def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
-    staging = root / f".model_index.json.{os.getpid()}"
-    staging.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, root / "model_index.json")
+    write_atomically(root / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def write_component(folder: str | Path, save: Callable[[Path], None] | None) -> None:

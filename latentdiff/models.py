@@ -70,6 +70,12 @@ def build_clip(preset: dict, tokenizer: CLIPTokenizer) -> CLIPModel:
     return CLIPModel(config)
 
 
+def pooled(output) -> torch.Tensor:
+    """The embeddings a CLIP's get_image_features / get_text_features return (a tensor in transformers 4, an output
+    with pooler_output in 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     """The CLIP's text tower as a standalone CLIPTextModel with the same weights (what the U-Net is conditioned on)."""
     text_encoder = CLIPTextModel(clip.config.text_config)

@@ -23,11 +23,11 @@ stops there: raise its --max-steps and run the recipe again to train on from its
 from __future__ import annotations
 
 import json
-import os
 import time
 import tomllib
 from pathlib import Path
 
+from .files import write_atomically
 from .trainer import hardware
 
 STAGES = ("data", "clip", "vae", "unet", "decoder", "eval")
@@ -271,7 +271,7 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
         missed = [g for g in gates if not g["passed"]]
         if missed:
             failed = done_dir / f"{stage}.failed.json"
-            failed.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            write_atomically(failed, json.dumps(record, indent=2, default=str) + "\n")
             raise GateMissed(f"[{stage}] missed its gate: " + "; ".join(
                 f"{g['metric']} = {g['value']} (needs {'≥ ' + str(g['min']) if 'min' in g else ''}"
                 f"{' and ' if 'min' in g and 'max' in g else ''}{'≤ ' + str(g['max']) if 'max' in g else ''})"
@@ -279,7 +279,7 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
                     "Raise the stage's --max-steps and run the recipe again to train on from its last checkpoint."
                     if stage != "data" and stage != "eval" else "Train the stage before it further, then rerun."))
         (done_dir / f"{stage}.failed.json").unlink(missing_ok=True)
-        marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
         records[stage] = record
     write_provenance(recipe, out)  # also when every stage was done already, or another process finished one
     return records
@@ -296,6 +296,4 @@ def write_provenance(recipe: dict, out: Path) -> None:
     missed = {s: stages[f"{s}.failed"] for s in STAGES if f"{s}.failed" in stages}
     if missed:  # a stage that missed its gate, and whose parts the later stages were then run on by hand
         provenance["missed_gates"] = missed
-    staging = out / "model" / f".recipe.json.{os.getpid()}"
-    staging.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-    os.replace(staging, out / "model" / "recipe.json")
+    write_atomically(out / "model" / "recipe.json", json.dumps(provenance, indent=2, default=str) + "\n")

@@ -31,6 +31,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 
 from . import argparsing
+from .files import write_atomically
 from .data.loader import ImageCaptionDataset, collate, open_dataset
 
 logger = logging.getLogger(__name__)
@@ -437,5 +438,4 @@ def _all_true(accelerator: Accelerator, flag: torch.Tensor) -> bool:
 
 
 def write_summary(output_dir: str | Path, summary: dict) -> None:
-    path = Path(output_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_atomically(Path(output_dir) / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ from .clip_training import tokenize
 from .data.loader import item_generator, readable_batches
 from .images import image_grid
 from .model_folder import check_weights, load_scheduler
+from .files import write_atomically
 from .model_folder import vae_scale_factor
 from .models import build_scheduler, build_unet, load_preset
 from .pipeline import LatentDiffusionPipeline
@@ -92,13 +91,11 @@ def build_cache(path: Path, dataset, vae, text_encoder, tokenizer, device, batch
                         for i in range(0, len(texts), batch_size)])
     ids = [text_id[t] for i in keep for t in captions[i]]
     offsets = torch.tensor([0] + [len(captions[i]) for i in keep]).cumsum(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # two jobs never share a temp file
-    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "text": hidden.contiguous(),
+    tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "text": hidden.contiguous(),
                "caption_ids": torch.tensor(ids), "offsets": offsets,
                "is_list": torch.tensor([not isinstance(dataset.captions[i], str) for i in keep]),
-               "rows": torch.tensor(keep)}, tmp)
-    tmp.rename(path)
+               "rows": torch.tensor(keep)}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp))  # two jobs building one cache never collide
 
 
 class CachedLatents(torch.utils.data.Dataset):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from latentdiff import evaluation as ev
 from latentdiff import new_pipeline
+from latentdiff.models import pooled
 from latentdiff.data.imagefolder import write_imagefolder
 from latentdiff.data.shapes import all_first_captions, sample_scene, shapes_rows
 from latentdiff.eval_job import main as eval_main
@@ -49,10 +50,10 @@ class _Unwrapped(torch.nn.Module):
         self.clip, self.config = clip, clip.config
 
     def get_image_features(self, *args, **kwargs):
-        return ev._tensor(self.clip.get_image_features(*args, **kwargs))
+        return pooled(self.clip.get_image_features(*args, **kwargs))
 
     def get_text_features(self, *args, **kwargs):
-        return ev._tensor(self.clip.get_text_features(*args, **kwargs))
+        return pooled(self.clip.get_text_features(*args, **kwargs))
 
 
 def test_clip_score_equals_torchmetrics(model):

@@ -539,3 +539,20 @@ def test_training_scripts_report_errors_in_one_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("train_vae.py: error: ")
+
+
+def test_an_interrupted_atomic_write_keeps_the_old_file_and_no_temporary_one(tmp_path):
+    from latentdiff.files import write_atomically
+
+    target = tmp_path / "record.json"
+    write_atomically(target, "old")
+
+    def dies_halfway(path):
+        path.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, dies_halfway)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+    write_atomically(target, "new")
+    assert target.read_text() == "new"
