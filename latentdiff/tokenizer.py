@@ -8,7 +8,6 @@ Normalisation and pre-tokenisation are taken from transformers' own `CLIPTokeniz
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable
 
@@ -70,8 +69,6 @@ def train_tokenizer(
     )
 
 
-COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray", "cyan")
-SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "hexagon", "cross", "ring", "moon")
 THINGS = (
     "tiger", "cat", "dog", "lion", "horse", "cow", "pig", "monkey", "rabbit", "mouse", "bear", "panda", "fox",
     "wolf", "frog", "snake", "turtle", "fish", "whale", "dolphin", "octopus", "bird", "owl", "eagle", "penguin",
@@ -85,12 +82,12 @@ MODIFIERS = ("smiling", "grinning", "winking", "crying", "laughing", "sleeping",
 
 
 def builtin_captions() -> list[str]:
-    """A few thousand captions of the kinds the built-in data sets use (shapes scenes, emoji names), enough to
-    give an untrained model a sensible vocabulary before its own captions exist."""
-    captions = []
-    for colour, shape in itertools.product(COLOURS, SHAPES):
-        captions += [f"a {colour} {shape}", f"a {shape} that is {colour}", f"two {colour} {shape}s",
-                     f"a {colour} {shape} on the left", f"a {colour} {shape} above a {shape}"]
+    """Captions of the kinds the built-in data sets use, enough to give an untrained model a sensible vocabulary
+    before its own captions exist: the shapes world's own (`data.shapes.all_first_captions`, so its words are the
+    data set's) and emoji-like names."""
+    from .data.shapes import COLOURS, all_first_captions
+
+    captions = all_first_captions()
     for thing in THINGS:
         captions += [f"a {thing}", f"{thing} face", f"an emoji of a {thing}", f"a {thing} on a white background"]
         captions += [f"a {modifier} {thing}" for modifier in MODIFIERS]
