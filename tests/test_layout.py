@@ -39,3 +39,15 @@ def test_no_import_cycles():
                 elif following not in path:
                     stack.append((following, path + (following,)))
     assert not cycles, sorted(cycles)[:5]
+
+
+def test_links_in_readme_and_docs_lead_to_files_that_exist():
+    import re
+
+    repo = ROOT.parent
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    assert len(pages) > 3
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
