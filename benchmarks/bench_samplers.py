@@ -23,7 +23,7 @@ CONFIGS = [("ddpm", 250, "fp32"), *((s, n, "fp32") for s in ("ddim", "dpm++") fo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from latentdiff import eval_job
+    from latentdiff.evaluation import job as eval_job
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", required=True, help="a data set folder (its images are the FD reference)")

@@ -36,7 +36,7 @@ def make_model_and_data(preset: str, work: Path, images: int) -> tuple[Path, Pat
 
 def time_steps(model: Path, data: Path, work: Path, cached: bool, args) -> dict:
     """Seconds per optimizer step of train_unet (steps after the first two, which warm up allocators)."""
-    from latentdiff import unet_training
+    from latentdiff.training import unet as unet_training
 
     stamps = []
     original = unet_training.diffusion_training_loss

@@ -18,7 +18,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import AutoencoderKL
 
-    from latentdiff import evaluation as ev
+    from latentdiff.evaluation import metrics as ev
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="a VAE folder (MODEL/vae)")

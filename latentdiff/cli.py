@@ -125,9 +125,9 @@ def generate(args) -> list[Path]:
     from PIL import Image
 
     from . import __version__
-    from .image_to_image import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+    from .pipelines.image_to_image import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
     from .images import image_grid, save_image
-    from .pipeline import LatentDiffusionPipeline
+    from .pipelines.text_to_image import LatentDiffusionPipeline
     from .schedulers import scheduler_from_name
 
     generation_args(args)
@@ -175,7 +175,7 @@ def check_generate_bounds(args) -> None:
     import json
 
     from .model_folder import resolve_model_dir, vae_scale_factor
-    from .pipeline import MAX_SIZE_FACTOR
+    from .pipelines.text_to_image import MAX_SIZE_FACTOR
 
     if args.num_images > MAX_IMAGES:
         raise ValueError(f"--num-images must be at most {MAX_IMAGES} (one batch), got {args.num_images}")
@@ -223,7 +223,7 @@ def export_model(args) -> tuple[Path, int]:
     import torch
 
     from .model_folder import resolve_model_dir
-    from .pipeline import LatentDiffusionPipeline
+    from .pipelines.text_to_image import LatentDiffusionPipeline
 
     source, out = resolve_model_dir(args.model), Path(args.out)
     if out.resolve() == source.resolve():
@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    if argv[:1] == ["eval"]:  # its flags belong to latentdiff.eval_job, which training/evaluate.py runs too
-        from .eval_job import main as eval_main
+    if argv[:1] == ["eval"]:  # its flags belong to latentdiff.evaluation.job, which training/evaluate.py runs too
+        from .evaluation.job import main as eval_main
 
         quiet_libraries()
         report = eval_main(argv[1:], prog="latentdiff eval")
@@ -303,7 +303,7 @@ def _run(argv: list[str]) -> int:
 
         print(parameters_text(read_parameters(args.image)))
     elif args.command == "run-recipe":
-        from .recipes import run_recipe
+        from .training.recipes import run_recipe
 
         records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
         print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")

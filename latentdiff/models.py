@@ -99,7 +99,7 @@ def build_scheduler(preset: dict) -> SchedulerMixin:
 def new_pipeline(preset: str | Path | dict = "tiny", seed: int = 0, tokenizer: CLIPTokenizer | None = None):
     """An untrained LatentDiffusionPipeline (with its full CLIP) from a preset; the tokenizer is trained on the
     built-in caption list unless one is given."""
-    from .pipeline import LatentDiffusionPipeline
+    from .pipelines.text_to_image import LatentDiffusionPipeline
     from .tokenizer import builtin_captions, train_tokenizer
 
     config = load_preset(preset)

@@ -5,7 +5,7 @@ import torch
 from accelerate import Accelerator
 from open_clip.loss import ClipLoss
 
-from latentdiff.clip_training import contrastive_loss
+from latentdiff.training.clip import contrastive_loss
 
 accelerator = Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes

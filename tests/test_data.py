@@ -422,7 +422,7 @@ def test_hard_negatives_change_binding_order_or_one_attribute_and_keep_their_gra
 
 
 def test_drawn_hard_negatives_never_name_a_held_out_pair():
-    from latentdiff.clip_training import draw_hard_negatives
+    from latentdiff.training.clip import draw_hard_negatives
     from latentdiff.data.shapes import caption_pairs
 
     held = {("green", "circle")}

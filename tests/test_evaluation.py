@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import evaluation as ev
+from latentdiff.evaluation import metrics as ev
 from latentdiff import new_pipeline
 from latentdiff.models import pooled
 from latentdiff.data.imagefolder import write_imagefolder
 from latentdiff.data.shapes import all_first_captions, sample_scene, shapes_rows
-from latentdiff.eval_job import main as eval_main
+from latentdiff.evaluation.job import main as eval_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ def test_reference_images_can_be_any_image_folder(model, tmp_path):
 
 
 def test_sampled_prompts_spread_over_the_list_and_candidates_come_from_a_file(model, prompts, tmp_path):
-    from latentdiff.eval_job import subsample
+    from latentdiff.evaluation.job import subsample
 
     assert subsample(list(range(10)), 4) == [0, 3, 6, 9] and subsample([1, 2], 5) == [1, 2]
     texts = [p.text for p in ev.load_prompts(prompts)[0]]
@@ -217,7 +217,7 @@ def test_sampled_prompts_spread_over_the_list_and_candidates_come_from_a_file(mo
 
 
 def test_the_judge_is_scored_on_distinct_captions():
-    from latentdiff.eval_job import judge_reference
+    from latentdiff.evaluation.job import judge_reference
 
     class Judge:  # texts embed as one-hot vectors of their first letter
         def text_features(self, texts):
@@ -328,7 +328,7 @@ def test_a_prompt_file_says_why_there_is_no_fd_and_warns_about_few_candidates(mo
 
 
 def test_own_ranks_agree_with_top_k_retrieval():
-    from latentdiff.eval_job import own_ranks
+    from latentdiff.evaluation.job import own_ranks
 
     g = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)

@@ -51,3 +51,17 @@ def test_links_in_readme_and_docs_lead_to_files_that_exist():
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_modules_that_moved_import_by_their_old_names_as_the_same_objects():
+    import importlib
+
+    import latentdiff
+
+    for old, new in latentdiff.MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new)
+    from latentdiff import clip_training
+    from latentdiff.evaluation import clip_score  # the metrics, as before they moved into evaluation/metrics.py
+    from latentdiff.training import clip
+
+    assert clip_training is clip and callable(clip_score)

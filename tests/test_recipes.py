@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from latentdiff import LatentDiffusionPipeline, clip_training, unet_training, vae_training
+from latentdiff import LatentDiffusionPipeline
+from latentdiff.training import clip as clip_training, unet as unet_training, vae as vae_training
 from latentdiff.cli import main
-from latentdiff.recipes import load_recipe
+from latentdiff.training.recipes import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """
@@ -69,7 +70,7 @@ def test_shipped_recipes_parse(recipe, tmp_path):
     if "decoder" in parsed:
         vae_training.build_parser().parse_args([*required, "--finetune-decoder", *parsed["decoder"]["args"]])
     if "eval" in parsed:
-        from latentdiff.eval_job import build_parser
+        from latentdiff.evaluation.job import build_parser
 
         build_parser().parse_args(["--prompts", "p", "--out", "o", *parsed["eval"]["args"]])
 
@@ -96,7 +97,7 @@ def test_a_stage_that_misses_its_gate_stops_the_recipe_and_says_which(tmp_path, 
     assert (stages / "vae.failed.json").is_file() and not (stages / "vae.json").exists()
     failed = json.loads((stages / "vae.failed.json").read_text())
     assert [g["passed"] for g in failed["gates"]] == [True, False]
-    from latentdiff.recipes import load_recipe as load, write_provenance
+    from latentdiff.training.recipes import load_recipe as load, write_provenance
 
     write_provenance(load(recipe), tmp_path / "run")  # a model folder made from a stage that missed says so
     provenance = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
@@ -110,7 +111,7 @@ def test_a_stage_that_misses_its_gate_stops_the_recipe_and_says_which(tmp_path, 
 
 
 def test_gate_metrics_walk_dicts_and_lists_and_bad_gates_are_named(tmp_path):
-    from latentdiff.recipes import check_gates, metric_value
+    from latentdiff.training.recipes import check_gates, metric_value
 
     report = {"scales": [{"oracle": {"mean": 0.5}}, {"oracle": {"mean": 0.92}}]}
     assert metric_value(report, "scales.1.oracle.mean") == 0.92 and metric_value(report, "scales.2.oracle") is None
@@ -125,7 +126,7 @@ def test_gate_metrics_walk_dicts_and_lists_and_bad_gates_are_named(tmp_path):
 
 
 def test_bad_recipes_are_named(tmp_path):
-    from latentdiff.recipes import run_recipe
+    from latentdiff.training.recipes import run_recipe
 
     good = tmp_path / "tiny.toml"
     good.write_text(TINY)

@@ -109,7 +109,7 @@ def test_a_bad_recipe_is_refused_before_any_stage_runs_naming_section_and_key(te
 
 
 def test_a_recipe_folder_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
-    from latentdiff.recipes import load_recipe
+    from latentdiff.training.recipes import load_recipe
 
     (tmp_path / "recipes" / "pictures").mkdir(parents=True)
     recipe = tmp_path / "recipes" / "r.toml"
@@ -264,7 +264,9 @@ def _every_flag(parser, name):
 
 
 def test_every_flag_of_every_command_has_help_with_its_default():
-    from latentdiff import clip_training, cli, eval_job, unet_training, vae_training
+    from latentdiff.training import clip as clip_training, unet as unet_training, vae as vae_training
+    from latentdiff import cli
+    from latentdiff.evaluation import job as eval_job
 
     parsers = [("latentdiff", cli.build_parser()), ("eval", eval_job.build_parser()),
                ("train_clip", clip_training.build_parser()), ("train_vae", vae_training.build_parser()),
@@ -376,7 +378,7 @@ def _toy_training(out, steps, resume=False):
 
     from diffusers.training_utils import EMAModel
 
-    from latentdiff import trainer
+    from latentdiff.training import trainer
 
     parser = argparse.ArgumentParser()
     trainer.add_common_args(parser, lr=0.1, batch_size=2, max_steps=steps)
@@ -416,7 +418,7 @@ DAMAGES = {
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_latest_checkpoint_is_named_with_the_way_back(damage, tmp_path):
-    from latentdiff.trainer import CheckpointError
+    from latentdiff.training.trainer import CheckpointError
 
     _toy_training(tmp_path, 4)
     latest = tmp_path / "checkpoints" / "checkpoint-4"
@@ -463,7 +465,7 @@ def mostly_corrupt(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", ["clip", "vae", "unet"])
 def test_a_batch_with_no_readable_image_is_skipped_and_counted(stage, mostly_corrupt, tiny_dir, tmp_path, capsys):
-    from latentdiff import clip_training, unet_training, vae_training
+    from latentdiff.training import clip as clip_training, unet as unet_training, vae as vae_training
 
     common = ["--data", str(mostly_corrupt), "--output-dir", str(tmp_path / stage), "--max-steps", "3",
               "--batch-size", "2", "--holdout", "0", "--report-to", "none", "--seed", "1"]
@@ -480,7 +482,7 @@ def test_a_batch_with_no_readable_image_is_skipped_and_counted(stage, mostly_cor
 def test_data_with_no_readable_image_at_all_stops_with_a_message(mostly_corrupt, tmp_path):
     import shutil
 
-    from latentdiff import vae_training
+    from latentdiff.training import vae as vae_training
 
     data = tmp_path / "data"
     shutil.copytree(mostly_corrupt, data)
@@ -520,7 +522,7 @@ def test_system_deps_says_what_to_do_where_it_cannot_install(tmp_path):
 
 
 def test_a_resume_without_rng_state_reseeds_each_process_from_the_seed_and_step(tmp_path, monkeypatch):
-    from latentdiff import trainer
+    from latentdiff.training import trainer
 
     _toy_training(tmp_path, 4)
     (tmp_path / "checkpoints" / "checkpoint-4" / "random_states_0.pkl").unlink()

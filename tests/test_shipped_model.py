@@ -9,7 +9,7 @@ import torch
 
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.data.emoji import captions, emoji_entries
-from latentdiff.evaluation import Judge
+from latentdiff.evaluation.metrics import Judge
 from latentdiff.model_folder import SHIPPED_MODEL_DIR, SHIPPED_MODELS
 
 MiB = 2**20

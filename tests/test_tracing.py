@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor
 
 from latentdiff import LatentDiffusionPipeline
-from latentdiff.tracing import TracedCall, traceable
+from latentdiff.pipelines.tracing import TracedCall, traceable
 
 from conftest import seeded
 

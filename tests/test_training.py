@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from latentdiff import LatentDiffusionPipeline
-from latentdiff import clip_training, trainer, unet_training, vae_training
+from latentdiff.training import clip as clip_training, trainer, unet as unet_training, vae as vae_training
 from latentdiff.data.imagefolder import write_imagefolder
 from latentdiff.data.shapes import BACKGROUNDS, COLOURS, SHAPES, Scene, SceneObject, a, shapes_rows
 

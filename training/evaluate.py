@@ -4,7 +4,7 @@
 import sys
 
 from latentdiff.argparsing import run_guarded
-from latentdiff.eval_job import main
+from latentdiff.evaluation.job import main
 
 if __name__ == "__main__":
     sys.exit(run_guarded("evaluate.py", main, sys.argv[1:]))

@@ -3,7 +3,7 @@
 import sys
 
 from latentdiff.argparsing import run_guarded
-from latentdiff.clip_training import main
+from latentdiff.training.clip import main
 
 if __name__ == "__main__":
     sys.exit(run_guarded("train_clip.py", main, sys.argv[1:]))

@@ -3,7 +3,7 @@
 import sys
 
 from latentdiff.argparsing import run_guarded
-from latentdiff.unet_training import main
+from latentdiff.training.unet import main
 
 if __name__ == "__main__":
     sys.exit(run_guarded("train_unet.py", main, sys.argv[1:]))

@@ -3,7 +3,7 @@
 import sys
 
 from latentdiff.argparsing import run_guarded
-from latentdiff.vae_training import main
+from latentdiff.training.vae import main
 
 if __name__ == "__main__":
     sys.exit(run_guarded("train_vae.py", main, sys.argv[1:]))

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import argparsing
-from .files import write_atomically
-from . import evaluation as ev
-from .images import image_grid
+from .. import argparsing
+from ..files import write_atomically
+from . import metrics as ev
+from ..images import image_grid
 
 
 
@@ -94,7 +94,7 @@ def generate(pipe, prompts: list[ev.Prompt], indices: list[int], scale: float, a
 def reference_images(args, dataset) -> tuple[list[Image.Image], list[str] | None]:
     """The first --max-reference real images, with their first captions when the data set has a text column."""
     if args.reference:
-        from .data.loader import open_dataset
+        from ..data.loader import open_dataset
 
         dataset = open_dataset(args.reference)
     if dataset is None:
@@ -114,7 +114,7 @@ def load_candidates(source: str | None, prompts: list[ev.Prompt], everything: li
     if source is None:
         texts = [p.text for p in everything]
         if any(p.scene for p in everything):
-            from .data.shapes import all_first_captions
+            from ..data.shapes import all_first_captions
 
             texts += all_first_captions()
         candidates = list(dict.fromkeys(texts))
@@ -328,9 +328,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .model_folder import resolve_model_dir
-    from .pipeline import LatentDiffusionPipeline
-    from .schedulers import scheduler_from_name
+    from ..model_folder import resolve_model_dir
+    from ..pipelines.text_to_image import LatentDiffusionPipeline
+    from ..schedulers import scheduler_from_name
 
     args = build_parser(prog).parse_args(argv)
     scales = check_args(args)

@@ -22,9 +22,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from . import attention, model_folder
+from . import attention
+from .. import model_folder
 from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
-from .model_folder import save_clip_folder, vae_scale_factor
+from ..model_folder import save_clip_folder, vae_scale_factor
 from .tracing import TracedCall
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     kept for evaluation (CLIP score) and saved as `clip/`. LoRA weights load with `pipe.load_lora_weights(dir)`.
 
     Speed: on the CPU, from the second call with the same shapes on, the U-Net and the VAE decoder run as cached
-    `torch.jit.trace` graphs (`latentdiff.tracing`): the same ops on the same weights, so the same images, without
+    `torch.jit.trace` graphs (`latentdiff.pipelines.tracing`): the same ops on the same weights, so the same images, without
     Python's per-module overhead. Set `pipe.use_tracing = False` for plain eager calls. Reduced precision:
     `pipe.to(dtype=torch.bfloat16)` (or `torch_dtype=` in from_pretrained) runs the networks in bf16 while the
     sampler's arithmetic (the initial noise included) stays in float32; on the CPU their attention then runs as
-    plain bf16 matmuls (`latentdiff.attention`), which is faster there.
+    plain bf16 matmuls (`latentdiff.pipelines.attention`), which is faster there.
 
     diffusers' call surface: prompt embeddings, custom timesteps or sigmas, step callbacks and interruption,
     `cross_attention_kwargs` (LoRA scale), `clip_skip`, FreeU, fused QKV projections, VAE slicing and tiling

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.oracle import read_scene, relation_between
-from .data.shapes import Scene
-from .models import pooled
+from ..data.oracle import read_scene, relation_between
+from ..data.shapes import Scene
+from ..models import pooled
 
 ORACLE_TASKS = ("object", "colour", "position", "count", "colour_binding", "relation")
 
@@ -60,7 +60,7 @@ def load_prompts(source: str | Path, text_column: str = "text") -> tuple[list[Pr
         scene = lambda r: json.loads(r["scene"]) if isinstance(r.get("scene"), str) else r.get("scene")  # noqa: E731
         return [Prompt(first_caption(r[text_column]), scene(r)) for r in rows], None
     if path.is_dir():
-        from .data.loader import open_dataset
+        from ..data.loader import open_dataset
 
         dataset = open_dataset(path)
         scenes = dataset["scene"] if "scene" in dataset.column_names else [None] * len(dataset)
@@ -70,7 +70,7 @@ def load_prompts(source: str | Path, text_column: str = "text") -> tuple[list[Pr
 
 def unseen_prompts(source: str | Path) -> list[Prompt]:
     """A shapes data set's prompts with held-out colour-shape pairs (its split record's unseen.jsonl), or []."""
-    from .data.shapes import read_split
+    from ..data.shapes import read_split
 
     path = Path(source)
     split = read_split(path) if path.is_dir() else None

@@ -27,7 +27,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from .files import write_atomically
+from ..files import write_atomically
 from .trainer import hardware
 
 STAGES = ("data", "clip", "vae", "unet", "decoder", "eval")
@@ -139,15 +139,15 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
             if args:
                 raise ValueError(f"recipe {path}: [data] args are for the built-in data sets, not kind = \"folder\"")
             return
-        from .data.build import data_parser
+        from ..data.build import data_parser
 
         parser, argv = data_parser(), ["data", recipe["data"]["kind"], "--out", "OUT", *args]
     elif stage == "eval":
-        from .eval_job import build_parser
+        from ..evaluation.job import build_parser
 
         parser, argv = build_parser(), ["--prompts", "DATA", "--out", "OUT", *args]
     else:
-        from . import clip_training, unet_training, vae_training
+        from . import clip as clip_training, unet as unet_training, vae as vae_training
 
         module = {"clip": clip_training, "vae": vae_training, "decoder": vae_training, "unet": unet_training}[stage]
         parser = module.build_parser()
@@ -162,11 +162,11 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
         raise ValueError(f"recipe {path}: [{stage}] args: {reason}") from None
     try:  # the flags' own rules (ranges, combinations), as the stage would check them when it starts
         if stage == "data":
-            from .data.build import check_data_args
+            from ..data.build import check_data_args
 
             check_data_args(parsed)
         elif stage == "eval":
-            from .eval_job import check_args
+            from ..evaluation.job import check_args
 
             check_args(parsed)
         else:
@@ -216,7 +216,7 @@ def _validate_gates(path: Path, recipe: dict) -> None:
 
 
 def _data_stage(recipe: dict, out: Path) -> dict:
-    from .data.build import data_parser, make_data
+    from ..data.build import data_parser, make_data
 
     data = recipe["data"]
     if data["kind"] == "folder":
@@ -228,7 +228,8 @@ def _data_stage(recipe: dict, out: Path) -> dict:
 
 def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = None) -> dict:
     """Run (or finish) every stage of a recipe; returns {stage: record}."""
-    from . import clip_training, eval_job, unet_training, vae_training
+    from . import clip as clip_training, unet as unet_training, vae as vae_training
+    from ..evaluation import job as eval_job
 
     recipe, out = load_recipe(path), Path(out)
     done_dir = out / "stages"

@@ -20,7 +20,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline import LatentDiffusionPipeline
+from .text_to_image import LatentDiffusionPipeline
 
 
 class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import argparsing, trainer
-from .data.loader import readable_batches
-from .images import image_grid
-from .model_folder import check_weights, write_component
-from .models import build_vae, load_preset
+from .. import argparsing
+from . import trainer
+from ..data.loader import readable_batches
+from ..images import image_grid
+from ..model_folder import check_weights, write_component
+from ..models import build_vae, load_preset
 
 
 class Autoencode(nn.Module):
@@ -164,7 +165,7 @@ def held_out_round_trip(vae, holdout, resolution: int, device) -> dict:
     oracle reads a scene's boxes in the pixels it was drawn at, so a resized scene would be misread)."""
     from PIL import Image
 
-    from .evaluation import round_trip_oracle
+    from ..evaluation.metrics import round_trip_oracle
 
     images, scenes = [], []
     for index in range(len(holdout)):

@@ -30,9 +30,9 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from . import argparsing
-from .files import write_atomically
-from .data.loader import ImageCaptionDataset, collate, open_dataset
+from .. import argparsing
+from ..files import write_atomically
+from ..data.loader import ImageCaptionDataset, collate, open_dataset
 
 logger = logging.getLogger(__name__)
 MAX_BAD_STEPS_IN_A_ROW = 10

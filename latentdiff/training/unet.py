@@ -28,16 +28,17 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from . import argparsing, diffusion, trainer
-from .clip_training import tokenize
-from .data.loader import item_generator, readable_batches
-from .images import image_grid
-from .model_folder import check_weights, load_scheduler
-from .files import write_atomically
-from .model_folder import vae_scale_factor
-from .models import build_scheduler, build_unet, load_preset
-from .pipeline import LatentDiffusionPipeline
-from .schedulers import DDIMScheduler, DDPMScheduler
+from .. import argparsing, diffusion
+from . import trainer
+from .clip import tokenize
+from ..data.loader import item_generator, readable_batches
+from ..images import image_grid
+from ..model_folder import check_weights, load_scheduler
+from ..files import write_atomically
+from ..model_folder import vae_scale_factor
+from ..models import build_scheduler, build_unet, load_preset
+from ..pipelines.text_to_image import LatentDiffusionPipeline
+from ..schedulers import DDIMScheduler, DDPMScheduler
 
 DEFAULT_PROMPTS = ["a red circle", "two blue squares", "a tiger", "a red apple"]
 

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from . import argparsing, trainer
-from .data.loader import readable_batches
-from .evaluation import two_way_retrieval
-from .model_folder import write_component
-from .model_folder import save_clip_folder
-from .models import build_clip, load_preset, pooled, text_encoder_from_clip
-from .tokenizer import train_tokenizer
+from .. import argparsing
+from . import trainer
+from ..data.loader import readable_batches
+from ..evaluation.metrics import two_way_retrieval
+from ..model_folder import write_component
+from ..model_folder import save_clip_folder
+from ..models import build_clip, load_preset, pooled, text_encoder_from_clip
+from ..tokenizer import train_tokenizer
 
 MAX_LOGIT_SCALE = math.log(100)  # the temperature 1/τ is clamped at 100 (Radford et al. 2021, §2.5)
 
@@ -78,7 +79,7 @@ def draw_hard_negatives(captions: list[str], count: int, generators: list[torch.
     replace) uniformly among those the caption has, then one of its captions, so binding swaps are not drowned by
     the many replacements. Negatives naming a held-out colour-shape pair are left out: no training caption, not even
     a negative one, names such a pair. Draws come from the per-row generators, so a resumed run draws the same."""
-    from .data.shapes import caption_pairs, hard_negatives
+    from ..data.shapes import caption_pairs, hard_negatives
 
     drawn = []
     for caption, generator in zip(captions, generators):
@@ -109,7 +110,7 @@ def hard_negative_accuracy(clip: CLIPModel, tokenizer: CLIPTokenizer, images: to
                            device=None, batch_size: int = 64) -> dict:
     """For each image and each kind of hard negative (swap, opposite, replace): is its caption rated above every
     negative of that kind? ("all": above every negative of every kind.) Images in [−1, 1], (N, 3, R, R)."""
-    from .data.shapes import hard_negatives
+    from ..data.shapes import hard_negatives
 
     wins: dict[str, list[bool]] = {"swap": [], "opposite": [], "replace": [], "all": []}
     for start in range(0, len(captions), batch_size):
@@ -136,8 +137,8 @@ def unseen_images(data_dir, resolution: int) -> tuple[torch.Tensor, list[str]] |
     import numpy as np
     from PIL import Image
 
-    from .data.shapes import Scene
-    from .evaluation import unseen_prompts
+    from ..data.shapes import Scene
+    from ..evaluation.metrics import unseen_prompts
 
     prompts = unseen_prompts(data_dir)
     if not prompts:
@@ -211,8 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                 trainer.make_lr_scheduler(optimizer, args))
     loss_fn = contrastive_loss(accelerator)
     raw = accelerator.unwrap_model(clip)
-    from .data.loader import item_generator
-    from .data.shapes import read_split
+    from ..data.loader import item_generator
+    from ..data.shapes import read_split
 
     split = read_split(args.data) if Path(args.data).is_dir() else None
     held_out = {tuple(p.split()) for p in split["holdout"]} if split else set()
