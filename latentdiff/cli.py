@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=guidance, default=None, help="classifier-free guidance s (default: 7.5)")
     gen.add_argument("--seed", type=seed, default=None, help="seed of the initial noise; image k of --num-images "
                                                              "gets seed + k, as in AUTOMATIC1111 (default: 0)")
-    gen.add_argument("--num-images", type=positive_int, default=1,
-                     help="images of the prompt: each written as OUT-k.png, and all as one grid in OUT")
+    gen.add_argument("--num-images", type=positive_int, default=None,
+                     help="images of the prompt: each written as OUT-k.png, and all as one grid in OUT (default: 1)")
     gen.add_argument("--negative-prompt", default=None, help="text to steer away from (default: none, the empty prompt)")
     gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the model's own")
     gen.add_argument("--init-image", default=None, metavar="PATH",
@@ -84,16 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "seed": 0}
+GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "seed": 0, "num_images": 1}
 
 
 def generation_args(args) -> None:
     """Fill the generate flags left unset: from --from-png's parameters, else the defaults."""
     from .images import read_parameters
 
-    made = {}
+    made, args.pick = {}, None
     if args.from_png is not None:
         made = read_parameters(args.from_png)
+        if args.seed is None and args.num_images is None and made.get("num_images", 1) > 1:
+            # an image of a batch: the batch again, and that image of it (a batch's images can differ from the
+            # same seeds run one by one in the last bit of float32)
+            args.seed, args.num_images = made["seed"] - made["index"], made["num_images"]
+            args.pick = made["index"]
         for key in ("prompt", "negative_prompt", "model", "height", "width", "init_image", "strength", "mask"):
             if getattr(args, key) is None:
                 setattr(args, key, made.get(key))
@@ -157,12 +162,15 @@ def generate(args) -> list[Path]:
     if args.init_image is not None:  # where the image came from (paths as given), for --from-png
         params.update(init_image=args.init_image, mask=args.mask,
                       strength=args.strength if args.strength is not None else pipe.default_strength)
+    per_image = [{**params, "seed": s, "num_images": len(images), "index": k} for k, s in enumerate(seeds)]
+    if args.pick is not None:  # --from-png of one image of a batch
+        images, per_image = [images[args.pick]], [per_image[args.pick]]
     if len(images) == 1:
-        save_image(images[0], out, {**params, "seed": seeds[0]})
+        save_image(images[0], out, per_image[0])
         return [out]
     paths = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(images))]
-    for path, image, s in zip(paths, images, seeds):
-        save_image(image, path, {**params, "seed": s})
+    for path, image, image_params in zip(paths, images, per_image):
+        save_image(image, path, image_params)
     save_image(image_grid(images), out)
     return [*paths, out]
 

@@ -245,7 +245,8 @@ def test_two_processes_give_the_same_report(model, prompts, tmp_path, count):
     assert double["processes"] == 2 and single["processes"] == 1 and len(single["scales"]) == len(double["scales"])
     for a, b in zip(single["scales"], double["scales"]):  # equal up to float32 round-off of other batch shapes
         assert a["images"] == b["images"] == 2 * count
-        assert a["clip_score"] == pytest.approx(b["clip_score"], rel=1e-5)
+        # (images are stored as 8-bit pixels, where round-off can flip a level: 1e-4, not float32's 1e-7)
+        assert a["clip_score"] == pytest.approx(b["clip_score"], rel=1e-4)
         assert a["fd"] == pytest.approx(b["fd"], rel=1e-3) and a["oracle"] == b["oracle"]
         assert a["retrieval_top5"] == b["retrieval_top5"]
 
