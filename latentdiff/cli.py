@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     return argparsing.run_guarded(f"latentdiff {command}".strip(), _run, argv)
 
 
-def _run(argv: list[str]) -> int:
+def _run(argv: list[str]) -> None:
     if argv[:1] == ["eval"]:  # its flags belong to latentdiff.evaluation.job, which training/evaluate.py runs too
         from .evaluation.job import main as eval_main
 
@@ -300,7 +300,7 @@ def _run(argv: list[str]) -> int:
         report = eval_main(argv[1:], prog="latentdiff eval")
         if report is not None:
             print(f"wrote report.json, report.csv, sweep.png and grids to {report['out']}")
-        return 0
+        return
     args = build_parser().parse_args(argv)
     quiet_libraries()
     if args.command == "generate":
@@ -322,7 +322,6 @@ def _run(argv: list[str]) -> int:
         print(f"wrote {out} ({size / 2**20:.1f} MiB of {args.dtype} weights)")
     elif args.command == "new-model":
         print(f"wrote an untrained model to {new_model(args)}")
-    return 0
 
 
 def quiet_libraries() -> None:

@@ -233,12 +233,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         batch = len(prompt_embeds) if prompts is None else len(prompts)
         negatives = []
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negatives = [""] * batch if negative_prompt is None else _as_prompt_list("negative_prompt", negative_prompt)
-            if len(negatives) == 1:
-                negatives *= batch
-            if len(negatives) != batch:
-                raise ValueError(f"negative_prompt must be one string or one per prompt ({batch}), "
-                                 f"got {len(negatives)}")
+            negatives = [""] * batch if negative_prompt is None else _negative_prompts(negative_prompt, batch)
         texts = negatives + (prompts or [])
         if texts:  # one text-encoder call for the negative and the positive texts
             with _lora_scaled(self.text_encoder, lora_scale):
@@ -375,10 +370,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                                  f"{tuple(prompt_embeds.shape)}, got {tuple(negative_prompt_embeds.shape)}")
         prompts = len(prompt_embeds) if prompt is None else len(_as_prompt_list("prompt", prompt))
         if negative_prompt is not None:
-            negatives = _as_prompt_list("negative_prompt", negative_prompt)
-            if not isinstance(negative_prompt, str) and len(negatives) != prompts:
-                raise ValueError(f"negative_prompt must be one string or one per prompt ({prompts}), "
-                                 f"got {len(negatives)}")
+            _negative_prompts(negative_prompt, prompts)
         for name, value, native in (("height", height, self.native_size[0]), ("width", width, self.native_size[1])):
             if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % self.vae_scale_factor:
                 raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
@@ -568,6 +560,16 @@ def _check_finite(tensor: torch.Tensor, what: str, guidance_scale: float) -> Non
     cause = (f"guidance_scale={guidance_scale:g} amplifies the guidance difference past float range"
              if guidance_scale > 100 else "the weights or the given latents give NaN/inf (a damaged weights file?)")
     raise FloatingPointError(f"sampling failed: {what} hold NaN or infinite values; {cause}")
+
+
+def _negative_prompts(negative_prompt, batch: int) -> list[str]:
+    """One negative prompt per prompt: one string for all, or a list of `batch`."""
+    negatives = _as_prompt_list("negative_prompt", negative_prompt)
+    if isinstance(negative_prompt, str):
+        return negatives * batch
+    if len(negatives) != batch:
+        raise ValueError(f"negative_prompt must be one string or one per prompt ({batch}), got {len(negatives)}")
+    return negatives
 
 
 def _as_prompt_list(name: str, value) -> list[str]:

@@ -115,8 +115,8 @@ def make_accelerator(args, project: str) -> Accelerator:
 
 
 def start(args, project: str) -> tuple[Accelerator, Path]:
-    """Check the common flags, set up accelerate; returns it and the model folder the stage writes to."""
-    check_args(args)
+    """Set up accelerate for a stage whose flags its `check_args` has checked (the common ones through
+    `trainer.check_args`); returns it and the model folder the stage writes to."""
     return make_accelerator(args, project), Path(args.model_dir or Path(args.output_dir) / "model")
 
 
