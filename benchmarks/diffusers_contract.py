@@ -1,6 +1,7 @@
 """Diffusers' own fast tests for `StableDiffusionPipeline`, run on diffusers' class and on ours in its place.
 
     git -C DIFFUSERS_CHECKOUT archive HEAD tests | tar -x -C /tmp/dtests
+    pip install parameterized requests_mock      # what diffusers' test helpers import
     python benchmarks/diffusers_contract.py /tmp/dtests/tests [--json results.json]
 
 The tests are diffusers' (Apache-2.0), read from a checkout the user provides, never copied into this project. Two
@@ -8,8 +9,9 @@ things make them run offline and on our class:
 - the tests build their tiny pipeline with `CLIPTokenizer.from_pretrained("hf-internal-testing/tiny-random-clip")`,
   a hub download; a byte-level BPE tokenizer of 1 000 tokens trained here stands in for it, for both classes (so
   tests that compare against pixel values recorded with the hub tokenizer fail for both, and are not counted);
-- with `--ours`, `diffusers.StableDiffusionPipeline` is replaced by `LatentDiffusionPipeline` before the test
-  module imports it.
+- for our run, `diffusers.StableDiffusionPipeline` is replaced by `LatentDiffusionPipeline` before the test
+  module imports it, and a test that reads the log of diffusers' pipeline module reads ours (the module that
+  defines the class in its place).
 The script runs the suite twice (diffusers' class, then ours) in subprocesses and reports, per test, both outcomes;
 the contract is: every test that diffusers' class passes, ours passes.
 """
@@ -61,6 +63,17 @@ PLUGIN = textwrap.dedent('''
         diffusers.pipelines.StableDiffusionPipeline = LatentDiffusionPipeline
         # some tests find the class under test in diffusers.pipelines by its own name (to read its source)
         diffusers.pipelines.LatentDiffusionPipeline = LatentDiffusionPipeline
+
+        # and some read the log of the module that defines the code under test (the truncation warning of
+        # encode_prompt; the components from_pretrained loaded): with our class in its place, that is our module
+        import diffusers.utils.logging as diffusers_logging
+
+        _get_logger = diffusers_logging.get_logger
+        _defining_module = {
+            "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion": LatentDiffusionPipeline.__module__,
+            "diffusers.pipelines.pipeline_utils": LatentDiffusionPipeline.__module__,
+        }
+        diffusers_logging.get_logger = lambda name=None: _get_logger(_defining_module.get(name, name))
 ''')
 
 

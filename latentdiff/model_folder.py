@@ -22,7 +22,8 @@ from pathlib import Path
 import diffusers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer,
+                          CLIPVisionModelWithProjection)
 
 from .files import write_atomically
 from .schedulers import scheduler_class
@@ -34,13 +35,18 @@ SHIPPED_MODELS = {  # names that load a model shipped inside the package; "emoji
 }
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-COMPONENT_FOLDERS = COMPONENTS + ("clip",)
+IMAGE_PROMPT_COMPONENTS = ("image_encoder", "feature_extractor")  # optional: what IP-Adapters encode images with
+COMPONENT_FOLDERS = COMPONENTS + ("clip",) + IMAGE_PROMPT_COMPONENTS
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 MODEL_INDEX_ENTRIES = {
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
+}
+IMAGE_PROMPT_ENTRIES = {  # written to model_index.json when the folder holds them (what load_components reads)
+    "image_encoder": (["transformers", "CLIPVisionModelWithProjection"], "config.json"),
+    "feature_extractor": (["transformers", "CLIPImageProcessor"], "preprocessor_config.json"),
 }
 
 
@@ -176,10 +182,12 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
     of = lambda name: dtypes.get(name, dtypes.get("default")) or torch.float32  # noqa: E731
     kw = dict(use_safetensors=True, variant=variant)
     has_clip = (root / "clip" / "config.json").is_file()
-    if has_clip:
-        check_weights(root / "clip")
+    has_encoder = (root / "image_encoder" / "config.json").is_file()
+    for name, present in (("clip", has_clip), ("image_encoder", has_encoder)):
+        if present:
+            check_weights(root / name)
     if variant is not None:
-        for name in WEIGHT_FOLDERS + (("clip",) if has_clip else ()):
+        for name in WEIGHT_FOLDERS + (("clip",) if has_clip else ()) + (("image_encoder",) if has_encoder else ()):
             if not any(f".{variant}." in p.name or f".{variant}-" in p.name for p in (root / name).iterdir()):
                 raise ModelFolderError(f"You are trying to load the model files of the `variant={variant}`, but "
                                        f"{root / name} has none (its files: "
@@ -193,7 +201,12 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
     }
     if has_clip:
         loaders["clip"] = lambda: CLIPModel.from_pretrained(root / "clip", dtype=of("clip"), **kw)
-    components = {"clip": None}
+    if has_encoder:
+        loaders["image_encoder"] = lambda: CLIPVisionModelWithProjection.from_pretrained(
+            root / "image_encoder", dtype=of("image_encoder"), **kw)
+    if (root / "feature_extractor" / "preprocessor_config.json").is_file():
+        loaders["feature_extractor"] = lambda: CLIPImageProcessor.from_pretrained(root / "feature_extractor")
+    components = {"clip": None, "image_encoder": None, "feature_extractor": None}
     for name, load in loaders.items():
         try:
             components[name] = load()
@@ -229,8 +242,6 @@ def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shar
                      variant: str | None = None) -> None:
     """The whole CLIP with its tokenizer and image-processor config, so any transformers CLIP tool can load it.
     Our CLIP takes images in [−1, 1]: the processor maps [0, 1] there (mean = std = 0.5)."""
-    from transformers import CLIPImageProcessor
-
     size = clip.config.vision_config.image_size
     clip.save_pretrained(folder, max_shard_size=max_shard_size, variant=variant)
     tokenizer.save_pretrained(folder)
@@ -239,8 +250,9 @@ def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shar
 
 
 def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
-    """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker), written to a
-    temporary file and renamed, so a reader never sees half of it."""
+    """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker; the image
+    encoder and feature extractor when their folders are there), written to a temporary file and renamed, so a
+    reader never sees half of it."""
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -248,8 +260,8 @@ def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
         # our DDPM/DDIM share diffusers' class names and configs, so diffusers loads its own class from the folder
         "scheduler": ["diffusers", type(scheduler).__name__],
         "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
+        **{name: entry if (root / name / marker).is_file() else [None, None]
+           for name, (entry, marker) in IMAGE_PROMPT_ENTRIES.items()},
         "requires_safety_checker": False,
     }
     write_atomically(root / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")

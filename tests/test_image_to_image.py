@@ -59,7 +59,7 @@ def test_inpainting_keeps_the_unmasked_latents(tiny_pipe, picture, mask):
     latents = pipe("a tiger", image=picture, mask_image=mask, num_inference_steps=4, generator=seeded(),
                    output_type="latent").images
     pixels = LatentDiffusionImg2ImgPipeline.preprocess(pipe, picture, None, None)
-    known = pipe.encode_image(pixels, seeded())  # the image's latents, drawn first from the same seed
+    known = pipe.encode_vae_image(pixels, seeded())  # the image's latents, drawn first from the same seed
     pipe2 = LatentDiffusionInpaintPipeline.from_pipe(tiny_pipe)
     state_mask = pipe2.mask_processor.preprocess(mask, height=32, width=32)
     small = torch.nn.functional.interpolate(state_mask, size=latents.shape[-2:])[0, 0] == 0

@@ -62,7 +62,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
             scheduler.set_begin_index(start)
         return scheduler.timesteps
 
-    def encode_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+    def encode_vae_image(self, pixels: torch.Tensor, generator) -> torch.Tensor:
         """Latents sampled from the VAE's posterior of each image (one generator per image when given a list)."""
         pixels = pixels.to(device=self._execution_device, dtype=self.vae.dtype)
         if isinstance(generator, list):
@@ -85,7 +85,7 @@ class LatentDiffusionImg2ImgPipeline(LatentDiffusionPipeline):
         scheduler = scheduler or self.scheduler
         if latents is not None:  # the initial noise given: the image still sets where it starts
             noise = latents.to(device=device, dtype=torch.float32)
-        image_latents = self.encode_image(self.image_rows(batch_size), generator)
+        image_latents = self.encode_vae_image(self.image_rows(batch_size), generator)
         if latents is None:
             noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=torch.float32)
         start = scheduler.timesteps[:1].repeat(batch_size)
@@ -124,7 +124,7 @@ class LatentDiffusionInpaintPipeline(LatentDiffusionImg2ImgPipeline):
         scheduler = scheduler or self.scheduler
         state = self._call_state()
         pixels = self.image_rows(batch_size)
-        state.image_latents = self.encode_image(pixels, generator)
+        state.image_latents = self.encode_vae_image(pixels, generator)
         noise = randn_tensor(state.image_latents.shape, generator=generator, device=device, dtype=torch.float32) \
             if latents is None else latents.to(device=device, dtype=torch.float32)
         mask = state.mask.repeat_interleave(batch_size // len(state.mask), dim=0) if len(state.mask) > 1 else state.mask

@@ -13,14 +13,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from . import attention
 from .. import model_folder
@@ -33,7 +33,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_SIZE_FACTOR = 8  # height and width up to 8× the model's native size: beyond, memory, not quality, is the limit
 
 
-class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin):
+class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin, IPAdapterMixin):
     """Latent diffusion (Rombach et al. 2022) conditioned on a CLIP text encoder, with classifier-free guidance.
 
     The five components are those of a Stable Diffusion pipeline, so folders move between this class and
@@ -49,14 +49,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
 
     diffusers' call surface: prompt embeddings, custom timesteps or sigmas, step callbacks and interruption,
     `cross_attention_kwargs` (LoRA scale), `clip_skip`, FreeU, fused QKV projections, VAE slicing and tiling
-    (`StableDiffusionMixin`). Components we do not have (`safety_checker`, `feature_extractor`, `image_encoder`) are
-    accepted and ignored, so code written for `StableDiffusionPipeline` runs unchanged.
+    (`StableDiffusionMixin`), IP-Adapters (`pipe.load_ip_adapter(…)`, then `ip_adapter_image=`; the optional
+    `image_encoder` and `feature_extractor` encode the image). A `safety_checker` is accepted and ignored, so code
+    written for `StableDiffusionPipeline` runs unchanged.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["clip", "safety_checker", "feature_extractor", "image_encoder"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")
+    IGNORED_COMPONENTS = ("safety_checker", "requires_safety_checker")
 
     def __init__(
         self,
@@ -67,17 +68,16 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         scheduler: SchedulerMixin,
         clip: CLIPModel | None = None,
         safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         requires_safety_checker: bool = False,
     ):
-        for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
-                            ("image_encoder", image_encoder)):
-            if value is not None:
-                logger.warning("%s is not a component of LatentDiffusionPipeline; it is ignored", name)
+        if safety_checker is not None:
+            logger.warning("safety_checker is not a component of LatentDiffusionPipeline; it is ignored")
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              clip=clip, safety_checker=None, feature_extractor=None, image_encoder=None)
+                              clip=clip, safety_checker=None, feature_extractor=feature_extractor,
+                              image_encoder=image_encoder)
         # a pipeline may be built with only some parts (a text encoder alone, to encode prompts), as diffusers' can
         self.vae_scale_factor = vae_scale_factor(vae.config) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -113,22 +113,26 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
 
         torch_dtype: one dtype, or a dict per component ({"unet": torch.bfloat16, "default": torch.float32}).
         variant: load the weight files of that variant (`diffusion_pytorch_model.fp16.safetensors` …).
-        Components given as keyword arguments (e.g. `scheduler=...`) replace the folder's; `safety_checker`,
-        `feature_extractor`, `image_encoder` and `requires_safety_checker` are accepted and ignored.
+        Components given as keyword arguments (e.g. `scheduler=...`, `image_encoder=...`) replace the folder's;
+        `safety_checker` and `requires_safety_checker` are accepted and ignored. Each component loaded is logged at
+        INFO level, as diffusers does.
         """
         ignored = {k: components.pop(k) for k in cls.IGNORED_COMPONENTS if k in components}
-        unknown = set(components) - set(model_folder.COMPONENTS) - {"clip"}
+        unknown = set(components) - set(model_folder.COMPONENT_FOLDERS)
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
         root = model_folder.resolve_model_dir(pretrained_model_name_or_path)
         model_folder.check_model_folder(root)
         loaded = model_folder.load_components(root, dtype=torch_dtype, variant=variant)
+        for name, component in loaded.items():
+            if component is not None and name not in components:
+                logger.info("Loaded %s as %s from `%s` subfolder of %s.", name, type(component).__name__, name, root)
         return cls(**{**loaded, **components}, **{k: v for k, v in ignored.items() if k != "requires_safety_checker"})
 
     @property
     def components(self) -> dict:
         """The modules that build this pipeline again, `LatentDiffusionPipeline(**pipe.components)`, with the
-        components of a Stable Diffusion pipeline it does not have (None); `clip` when there is one."""
+        optional components of a Stable Diffusion pipeline (None when absent); `clip` when there is one."""
         components = super().components
         if components.get("clip") is None:
             components.pop("clip", None)
@@ -140,6 +144,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
 
         Only the component folders and model_index.json are replaced; other files in the folder are left alone.
+        An IP-Adapter's `image_encoder` and `feature_extractor` are written when the pipeline has them.
         Each component is written completely to a staging folder before it replaces the old one
         (`model_folder.write_component`), so an interrupted save never leaves a half-written component.
         `components` (e.g. `("unet", "scheduler")`) writes only those into a folder that already holds the rest,
@@ -172,7 +177,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             component = getattr(self, name)
             if component is None:  # a whole pipeline without a CLIP: a stale clip/ goes
                 model_folder.write_component(target / name, None)
-            elif name in ("tokenizer", "scheduler"):
+            elif name in ("tokenizer", "scheduler", "feature_extractor"):
                 model_folder.write_component(target / name, component.save_pretrained)
             elif name == "clip":
                 model_folder.write_component(
@@ -202,7 +207,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         if state is None:
             state = states[threading.get_ident()] = SimpleNamespace(
                 guidance=ClassifierFreeGuidance(), clip_skip=None, cross_attention_kwargs=None, interrupt=False,
-                num_timesteps=0)
+                num_timesteps=0, added_cond_kwargs=None)
         return state
 
     guidance_scale = property(lambda self: self._call_state().guidance.scale)
@@ -270,6 +275,17 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                 else ids + [tok.pad_token_id] * (max_length - len(ids)) for ids in rows]
         return torch.tensor(rows, dtype=torch.long)
 
+    # IP-Adapter image embeddings, as diffusers computes them: the image encoder's projected embedding (or its
+    # penultimate hidden states, for the "plus" adapters), repeated per image; with guidance, the negative rows (zeros,
+    # or a black image's states) first. One function for both libraries, so the same images.
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+
+    @property
+    def has_ip_adapter(self) -> bool:
+        """Whether an IP-Adapter is loaded into the U-Net (`load_ip_adapter`; `unload_ip_adapter` removes it)."""
+        return self.unet is not None and getattr(self.unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
     def get_timesteps(self, scheduler: SchedulerMixin, num_inference_steps: int | None, device,
                       timesteps: list[int] | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
         """Set the (call's own) scheduler's timesteps: n evenly by its spacing, or a custom list of timesteps or
@@ -308,7 +324,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         if isinstance(guidance, EmbeddedGuidance):
             timestep_cond = guidance.timestep_cond(len(latents), self.unet.config.time_cond_proj_dim, latents.device,
                                                    self.unet.dtype)
-        eager = timestep_cond is not None or bool(state.cross_attention_kwargs)
+        eager = timestep_cond is not None or bool(state.cross_attention_kwargs) or state.added_cond_kwargs is not None
         unet = self._traced_unet.bind(self.unet, trace=self.use_tracing and not eager)
         unet_dtype, timesteps = self.unet.dtype, scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -318,7 +334,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             if eager:
                 output = self.unet(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
                                    timestep_cond=timestep_cond, cross_attention_kwargs=state.cross_attention_kwargs,
-                                   return_dict=False)[0].float()
+                                   added_cond_kwargs=state.added_cond_kwargs, return_dict=False)[0].float()
             else:
                 output = unet(model_input.to(unet_dtype), t, embeds).float()
             latents = scheduler.step(guidance(output), t, latents, **step_kwargs, return_dict=False)[0]
@@ -354,7 +370,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def check_inputs(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt=None,
                      prompt_embeds=None, negative_prompt_embeds=None, guidance_rescale=0.0, eta=0.0,
                      num_images_per_prompt=1, output_type="pil", generator=None, latents=None, timesteps=None,
-                     sigmas=None, callback_on_step_end_tensor_inputs=None) -> int:
+                     sigmas=None, callback_on_step_end_tensor_inputs=None, ip_adapter_image=None,
+                     ip_adapter_image_embeds=None) -> int:
         """Validate the arguments of __call__, naming the argument, the rule and the value; return the number of
         prompts."""
         if (prompt is None) == (prompt_embeds is None):
@@ -416,10 +433,38 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for these prompts, height and width, "
                              f"got {tuple(latents.shape)}")
+        self._check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
         if (height, width) != self.native_size:
             logger.warning("%dx%d is not the model's native %dx%d: a model trained at one size tends to repeat or "
                            "stretch objects at another", width, height, *self.native_size[::-1])
         return prompts
+
+    def _check_ip_adapter_inputs(self, image, embeds) -> None:
+        given = "ip_adapter_image" if image is not None else "ip_adapter_image_embeds" if embeds is not None else None
+        if given is None:
+            if self.has_ip_adapter:
+                raise ValueError("an IP-Adapter is loaded: pass ip_adapter_image or ip_adapter_image_embeds, or "
+                                 "remove it with pipe.unload_ip_adapter()")
+            return
+        if image is not None and embeds is not None:
+            raise ValueError("pass ip_adapter_image or ip_adapter_image_embeds, not both")
+        if not self.has_ip_adapter:
+            raise ValueError(f"{given} needs an IP-Adapter: load one with pipe.load_ip_adapter(folder, subfolder, "
+                             "weight_name)")
+        adapters = len(self.unet.encoder_hid_proj.image_projection_layers)
+        if embeds is not None:
+            if not isinstance(embeds, list) or not all(isinstance(e, torch.Tensor) and e.ndim in (3, 4)
+                                                       for e in embeds):
+                got = type(embeds).__name__ if not isinstance(embeds, list) else \
+                    f"a list holding {[getattr(e, 'ndim', type(e).__name__) for e in embeds]}"
+                raise TypeError(f"ip_adapter_image_embeds must be a list of 3-D or 4-D tensors (one per IP-Adapter), "
+                                f"got {got}")
+            if len(embeds) != adapters:
+                raise ValueError(f"ip_adapter_image_embeds must hold one tensor per IP-Adapter loaded ({adapters}), "
+                                 f"got {len(embeds)}")
+        elif self.image_encoder is None:
+            raise ValueError("ip_adapter_image needs an image encoder, and pipe.image_encoder is None: load the "
+                             "IP-Adapter with its image_encoder_folder, or pass ip_adapter_image_embeds")
 
     @torch.no_grad()
     def __call__(
@@ -438,6 +483,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
@@ -455,6 +502,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             samples conditionally whenever s ≤ 1, 0 ≤ s < 1 here means the formula above (s = 0: unconditional).
             A U-Net with guidance distilled in (LCM: `time_cond_proj_dim`) gets s as an embedding instead.
         negative_prompt / negative_prompt_embeds: replace "" as the unconditional text.
+        ip_adapter_image / ip_adapter_image_embeds: the image prompt of the IP-Adapter(s) loaded (one image, or
+            embedding tensor, per adapter); embeddings hold the negative rows then the positive ones whenever the
+            call has an unconditional pass (guidance_scale ≠ 1), as diffusers' do with guidance.
         timesteps / sigmas: a custom schedule instead of num_inference_steps (schedulers that take one).
         eta: DDIM's η (used by schedulers whose `step` takes it).
         generator / latents: the seed (one generator, or one per image) or the initial noise itself.
@@ -473,7 +523,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         prompts = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
                                     prompt_embeds, negative_prompt_embeds, guidance_rescale, eta,
                                     num_images_per_prompt, output_type, generator, latents, timesteps, sigmas,
-                                    callback_on_step_end_tensor_inputs)
+                                    callback_on_step_end_tensor_inputs, ip_adapter_image, ip_adapter_image_embeds)
         state = self._call_state()
         embedded = self.unet.config.time_cond_proj_dim is not None
         guidance = (EmbeddedGuidance if embedded else ClassifierFreeGuidance)(guidance_scale, guidance_rescale)
@@ -495,6 +545,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             prompt_embeds = None
         embeds = torch.cat([e for e, run in ((negative_prompt_embeds, guidance.uncond), (prompt_embeds, guidance.cond))
                             if run])
+        state.added_cond_kwargs = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:  # the image prompt, rows as `embeds`
+            image_embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
+                                                                prompts * num_images_per_prompt, guidance.uncond)
+            if not guidance.cond:  # unconditional sampling: the negative rows only
+                image_embeds = [e.chunk(2)[0] for e in image_embeds]
+            state.added_cond_kwargs = {"image_embeds": [e.to(self.unet.dtype) for e in image_embeds]}
 
         # 2. The call's own scheduler (threads sharing the pipeline must not share its timesteps or multistep
         #    history), its timesteps, and the initial noise.
