@@ -4,6 +4,9 @@
 
 For each model and batch size: images/s of both pipelines (fp32, same scheduler, steps, seed, 64x64, guidance
 7.5; runs interleaved so all see the same machine), their ratio, the largest pixel difference between their images,
+diffusers' pipeline with its U-Net and VAE decoder compiled by OpenVINO (what optimum-intel does; static shapes,
+compiled before timing, at f32 and at bf16 precision) as the fastest CPU peer, ours with torch traces instead of
+OpenVINO (`pipe.compile_backend = "torch"`),
 the achieved GFLOP/s (FLOPs of one call counted with torch.utils.flop_counter) against the fp32 matmul peak measured
 in the same run, ours with tracing off (`pipe.use_tracing = False`: what the traced graphs gain), and our
 reduced-precision mode (`pipe.to(dtype=torch.bfloat16)`) against diffusers in fp32 and in bf16. Writes
@@ -39,12 +42,48 @@ def load_pipes(model_dir: Path) -> dict:
                                                      torch_dtype=torch.float32)
     theirs_bf16 = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
                                                           torch_dtype=torch.bfloat16)
-    for pipe in (theirs, theirs_bf16):
+    traced = LatentDiffusionPipeline.from_pretrained(model_dir)
+    traced.compile_backend = "torch"
+    peers = [StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False,
+                                                     torch_dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
+    for pipe in (theirs, theirs_bf16, *peers):
         pipe.scheduler = _diffusers_scheduler(ours.scheduler)
-    pipes = {"ours": ours, "ours_eager": eager, "diffusers": theirs, "ours_bf16": bf16, "diffusers_bf16": theirs_bf16}
+    for pipe in peers:
+        _run_in_openvino(pipe)
+    pipes = {"ours": ours, "ours_eager": eager, "ours_torch": traced, "diffusers": theirs,
+             "diffusers_openvino": peers[0], "ours_bf16": bf16, "diffusers_bf16": theirs_bf16,
+             "diffusers_openvino_bf16": peers[1]}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
+
+
+class _OpenVINOPeer:
+    """`fn(module, *tensors)` run by OpenVINO, one network per input shape compiled at its first call (as
+    optimum-intel's pipelines do after `reshape`), through the same conversion latentdiff uses."""
+
+    def __init__(self, module, fn):
+        import copy
+
+        self.module, self.fn, self.graphs = copy.deepcopy(module), fn, {}
+
+    def __call__(self, *tensors):
+        from latentdiff.pipelines.openvino import compile_graph
+
+        key = tuple((t.shape, t.dtype) for t in tensors)
+        if key not in self.graphs:
+            self.graphs[key] = compile_graph(self.module, self.fn, tensors)
+        return self.graphs[key](*tensors)
+
+
+def _run_in_openvino(pipe) -> None:
+    """diffusers' pipeline with its U-Net and VAE decoder replaced by OpenVINO networks (the rest stays diffusers')."""
+    from latentdiff.pipelines.text_to_image import _unet_forward, _vae_decode
+
+    unet, decoder = _OpenVINOPeer(pipe.unet, _unet_forward), _OpenVINOPeer(pipe.vae, _vae_decode)
+    pipe.unet.forward = lambda sample, timestep, encoder_hidden_states=None, return_dict=True, **kw: (
+        unet(sample, torch.as_tensor(timestep), encoder_hidden_states),)
+    pipe.vae.decode = lambda z, return_dict=True, generator=None: (decoder(z),)
 
 
 def _diffusers_scheduler(scheduler):
@@ -112,17 +151,24 @@ def measure(name: str, pipes: dict, batch: int, args, peak: dict) -> dict:
 
     row = {"model": name, "batch": batch, "steps": args.steps, "flops": flops,
            "max_abs_pixel_diff": float(np.abs(images["ours"] - images["diffusers"]).max()),
-           "traced_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours"] - images["ours_eager"]).max()),
+           "traced_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours_torch"] - images["ours_eager"]).max()),
            "bf16_vs_fp32_mean_abs_pixel_diff": float(np.abs(images["ours_bf16"] - images["ours"]).mean()),
            **{f"{k}_images_per_s": batch / s["median_s"] for k, s in stats.items()}, "timings": stats,
            "speedup": ratio("diffusers", "ours"), "eager_speedup": ratio("diffusers", "ours_eager"),
-           "bf16_speedup": ratio("diffusers", "ours_bf16"), "bf16_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_bf16")}
+           "bf16_speedup": ratio("diffusers", "ours_bf16"), "bf16_vs_diffusers_bf16": ratio("diffusers_bf16", "ours_bf16"),
+           "vs_openvino": ratio("diffusers_openvino", "ours"),
+           "bf16_vs_openvino_bf16": ratio("diffusers_openvino_bf16", "ours_bf16"),
+           "torch_backend_speedup": ratio("diffusers", "ours_torch"),
+           "openvino_peer_max_abs_pixel_diff": float(np.abs(images["diffusers_openvino"] - images["ours_eager"]).max()),
+           "ours_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours"] - images["ours_eager"]).max())}
     if args.profile:
         profile_ops(name, batch, calls, Path(args.out) / "pipeline-profile.txt")
     row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
     row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
     print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers {row['diffusers_images_per_s']:.2f} "
-          f"img/s ({row['speedup']['median']:.2f}x), bf16 {row['bf16_speedup']['median']:.2f}x", flush=True)
+          f"img/s ({row['speedup']['median']:.2f}x), diffusers+OpenVINO {row['vs_openvino']['median']:.2f}x, "
+          f"bf16 {row['bf16_speedup']['median']:.2f}x, bf16 vs diffusers+OpenVINO bf16 "
+          f"{row['bf16_vs_openvino_bf16']['median']:.2f}x", flush=True)
     return row
 
 
@@ -146,16 +192,19 @@ def main(argv: list[str] | None = None) -> dict:
             for batch in batches:
                 rows.append(measure(name, pipes, batch, args, peak))
     report = {"machine": machine(), "matmul_peak_gflops": peak, "rows": rows, "command": " ".join(sys.argv)}
-    table = ["| model | batch | ours img/s | diffusers img/s | ratio (spread) | eager ratio | max pixel diff | "
-             "GFLOP/s | of fp32 peak | ours bf16 img/s | vs diffusers fp32 (spread) | vs diffusers bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| model | batch | ours img/s | diffusers img/s | ratio (spread) | eager ratio | torch-trace ratio | "
+             "max pixel diff vs eager | diffusers+OpenVINO img/s | ours vs it (spread) | GFLOP/s | of fp32 peak | "
+             "ours bf16 img/s | vs diffusers fp32 (spread) | vs diffusers bf16 | vs diffusers+OpenVINO bf16 (spread) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = lambda key: f"{r[key]['median']:.2f}x ({r[key]['min']:.2f}–{r[key]['max']:.2f})"  # noqa: E731
         table.append(f"| {r['model']} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} "
                      f"| {spread('speedup')} | {r['eager_speedup']['median']:.2f}x | "
-                     f"{r['max_abs_pixel_diff'] * 255:.2f}/255 | {r['ours_gflops']:.0f} | "
+                     f"{r['torch_backend_speedup']['median']:.2f}x | {r['ours_vs_eager_max_abs_pixel_diff'] * 255:.2f}/255 | "
+                     f"{r['diffusers_openvino_images_per_s']:.2f} | {spread('vs_openvino')} | {r['ours_gflops']:.0f} | "
                      f"{100 * r['ours_fraction_of_fp32_peak']:.0f} % | {r['ours_bf16_images_per_s']:.2f} | "
-                     f"{spread('bf16_speedup')} | {r['bf16_vs_diffusers_bf16']['median']:.2f}x |")
+                     f"{spread('bf16_speedup')} | {r['bf16_vs_diffusers_bf16']['median']:.2f}x | "
+                     f"{spread('bf16_vs_openvino_bf16')} |")
     table.append(f"\nfp32 matmul peak {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; {machine()}")
     write_report(Path(args.out), "pipeline", report, "\n".join(table))
     return report

@@ -1,7 +1,16 @@
-"""Shared fixtures: one tiny untrained model folder per test session (built in well under a second)."""
+"""Shared fixtures: one tiny untrained model folder per test session (built in well under a second).
+
+Tests run with torch traces as the compiled backend (bit-identical to eager calls, so they can compare images
+exactly), and with OpenVINO's disk cache in a folder of their own; tests/test_openvino.py turns OpenVINO on."""
+
+import os
+import tempfile
 
 import pytest
 import torch
+
+os.environ.setdefault("LATENTDIFF_BACKEND", "torch")
+os.environ.setdefault("LATENTDIFF_CACHE", tempfile.mkdtemp(prefix="latentdiff-test-cache-"))
 
 from latentdiff import LatentDiffusionPipeline, new_pipeline
 

@@ -26,7 +26,7 @@ from . import attention
 from .. import model_folder
 from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
 from ..model_folder import save_clip_folder, vae_scale_factor
-from .tracing import TracedCall
+from .tracing import TracedCall, default_backend
 
 logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -40,9 +40,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     diffusers' `StableDiffusionPipeline` in both directions; `clip` is the full CLIP the text encoder came from,
     kept for evaluation (CLIP score) and saved as `clip/`. LoRA weights load with `pipe.load_lora_weights(dir)`.
 
-    Speed: on the CPU, from the second call with the same shapes on, the U-Net and the VAE decoder run as cached
-    `torch.jit.trace` graphs (`latentdiff.pipelines.tracing`): the same ops on the same weights, so the same images, without
-    Python's per-module overhead. Set `pipe.use_tracing = False` for plain eager calls. Reduced precision:
+    Speed: on the CPU, from the second call with the same shapes on, the U-Net and the VAE decoder run as compiled
+    graphs (`latentdiff.pipelines.tracing`), without Python's per-module overhead: OpenVINO's where it is installed
+    (`pipe.compile_backend == "openvino"`, the default; `latentdiff.pipelines.openvino`), whose images are within
+    one level of 255 of eager ones, else `torch.jit.trace` graphs (`pipe.compile_backend = "torch"`, or
+    $LATENTDIFF_BACKEND=torch), which run the same ops on the same weights and give the same images bit for bit.
+    The second call pays the compilation (seconds; under one from OpenVINO's disk cache). Set
+    `pipe.use_tracing = False` for plain eager calls. Reduced precision:
     `pipe.to(dtype=torch.bfloat16)` (or `torch_dtype=` in from_pretrained) runs the networks in bf16 while the
     sampler's arithmetic (the initial noise included) stays in float32; on the CPU their attention then runs as
     plain bf16 matmuls (`latentdiff.pipelines.attention`), which is faster there.
@@ -85,8 +89,15 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             if model is not None:
                 attention.fit(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
         self.use_tracing = True
+        self.compile_backend = default_backend()
         self._traced_unet = TracedCall(_unet_forward)
         self._traced_decoder = TracedCall(_vae_decode)
+
+    def clear_compiled(self) -> None:
+        """Drop every traced and compiled graph (after weights were changed through `.data`, which no version
+        counter sees); the next calls record them again."""
+        self._traced_unet.clear()
+        self._traced_decoder.clear()
 
     def to(self, *args, **kwargs) -> "LatentDiffusionPipeline":
         """DiffusionPipeline.to (device and/or dtype), then the attention that suits the new dtype and device."""
@@ -325,7 +336,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             timestep_cond = guidance.timestep_cond(len(latents), self.unet.config.time_cond_proj_dim, latents.device,
                                                    self.unet.dtype)
         eager = timestep_cond is not None or bool(state.cross_attention_kwargs) or state.added_cond_kwargs is not None
-        unet = self._traced_unet.bind(self.unet, trace=self.use_tracing and not eager)
+        unet = self._traced_unet.bind(self.unet, trace=self.use_tracing and not eager, backend=self.compile_backend)
         unet_dtype, timesteps = self.unet.dtype, scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
             if state.interrupt:
@@ -362,7 +373,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         returns them, ready for pipe.vae.decode)."""
         if output_type == "latent":
             return latents.to(self.unet.dtype)
-        decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing)
+        decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing, backend=self.compile_backend)
         decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
         _check_finite(decoded, "the decoded images", self.guidance_scale)
         return self.image_processor.postprocess(decoded, output_type=output_type)

@@ -22,6 +22,8 @@ program replays through Python again. The deprecation warning is silenced for th
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -29,20 +31,23 @@ from collections.abc import Callable
 
 import torch
 
+from .recording import Forward, setting
+
 # what every nn.Module holds (parameters, buffers, submodules, hooks): covered apart or checked by traceable()
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 MAX_GRAPHS = 8  # per module: one per (batch, size, dtype) in use; the oldest is dropped beyond this
+BACKENDS = ("openvino", "torch")
+logger = logging.getLogger(__name__)
 
 
-class _Forward(torch.nn.Module):
-    """`fn(module, *tensors)` as a module, so that torch.jit.trace records it with `module`'s parameters."""
+def default_backend() -> str:
+    """"openvino" where it is installed, unless $LATENTDIFF_BACKEND says "torch" (traced graphs only)."""
+    from . import openvino
 
-    def __init__(self, module: torch.nn.Module, fn: Callable):
-        super().__init__()
-        self.module, self.fn = module, fn
-
-    def forward(self, *tensors):
-        return self.fn(self.module, *tensors)
+    wanted = os.environ.get("LATENTDIFF_BACKEND", "openvino")
+    if wanted not in BACKENDS:
+        raise ValueError(f"LATENTDIFF_BACKEND must be one of {BACKENDS}, got {wanted!r}")
+    return wanted if wanted == "torch" or openvino.available() else "torch"
 
 
 class TracedCall:
@@ -51,8 +56,11 @@ class TracedCall:
     `bind(module)` checks the module once (per pipeline call, say) and returns the function to call per step. fn
     must be a module-level pure function of the tensors and the module. A graph is recorded the second time a bind
     meets the same key, not the first: recording costs about as much as a dozen steps, which one-off calls
-    (`latentdiff generate`) would not win back. Graphs of another structure (a replaced module) are dropped at the
-    next bind, so they do not keep old weights alive. Copies and pickles start with no graphs.
+    (`latentdiff generate`) would not win back. With `backend="openvino"` the graph is compiled by OpenVINO
+    instead (`openvino.py`: about 3 s for the shipped U-Net, under 1 s from the disk cache), falling back to a
+    trace where that fails (with a warning) or the module's dtype is not one OpenVINO runs. Graphs of another
+    structure (a replaced module, weights changed in place) are dropped at the next bind, so they do not keep old
+    weights alive. Copies and pickles start with no graphs.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
@@ -61,7 +69,7 @@ class TracedCall:
         self._first_seen: OrderedDict = OrderedDict()  # key → the bind that met it first
         self._lock = threading.Lock()
 
-    def bind(self, module: torch.nn.Module, trace: bool = True) -> Callable[..., torch.Tensor]:
+    def bind(self, module: torch.nn.Module, trace: bool = True, backend: str = "torch") -> Callable[..., torch.Tensor]:
         if not (trace and traceable(module)):
             return functools.partial(self.fn, module)
         structure, session = structure_key(module), object()
@@ -78,17 +86,33 @@ class TracedCall:
                     _trim(self._first_seen, 8 * MAX_GRAPHS)
                     graph = "eager"
                 elif graph is None:
+                    graph = self._compile(module, tensors) if backend == "openvino" else None
+                if graph is None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # its branches are in the key
                         warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)  # see the docstring
-                        graph = torch.jit.trace(_Forward(module, self.fn), tensors, check_trace=False)
+                        graph = torch.jit.trace(Forward(module, self.fn), tensors, check_trace=False)
+                if graph != "eager" and key not in self._graphs:
                     self._graphs[key] = graph
                     _trim(self._graphs, MAX_GRAPHS)
-                else:
+                elif graph != "eager":
                     self._graphs.move_to_end(key)
             return self.fn(module, *tensors) if graph == "eager" else graph(*tensors)
 
         return call
+
+    def _compile(self, module: torch.nn.Module, tensors: tuple[torch.Tensor, ...]):
+        """The OpenVINO graph of this call, or None (the caller traces instead)."""
+        from . import openvino
+
+        if next(module.parameters()).dtype not in openvino.PRECISION:  # fp16 on the CPU: a trace
+            return None
+        try:
+            return openvino.compile_graph(module, self.fn, tensors)
+        except Exception as error:  # noqa: BLE001 - whatever fails, the trace computes the same call
+            logger.warning("OpenVINO could not compile %s for inputs %s (%s: %s); using a torch trace instead",
+                           type(module).__name__, [tuple(t.shape) for t in tensors], type(error).__name__, error)
+            return None
 
     def clear(self) -> None:
         with self._lock:
@@ -129,25 +153,13 @@ def traceable(module: torch.nn.Module) -> bool:
 def structure_key(module: torch.nn.Module) -> tuple:
     """What a trace bakes in besides the inputs: the type and identity of every submodule and attention processor
     and every Python setting they hold (VAE slicing and tiling, FreeU factors, chunk sizes …), and where and in
-    which dtype every weight lives."""
+    which dtype every weight lives, and its version (bumped by every in-place change: a compiled graph holds a copy
+    of the weights)."""
     parts = []
     for m in module.modules():
         processor = getattr(m, "processor", None)
         for obj in (m, processor) if processor is not None else (m,):
-            settings = tuple((k, _setting(v)) for k, v in vars(obj).items() if k not in _MODULE_INTERNALS)
+            settings = tuple((k, setting(v)) for k, v in vars(obj).items() if k not in _MODULE_INTERNALS)
             parts.append((type(obj), id(obj), settings))
     tensors = (*module.parameters(), *module.buffers())
-    return tuple(parts), tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-
-def _setting(value):
-    """A hashable stand-in for a Python setting: itself for plain values, contents for containers, else identity."""
-    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return tuple(_setting(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, _setting(v)) for k, v in value.items())
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
-    return (type(value).__name__, id(value))
+    return tuple(parts), tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
