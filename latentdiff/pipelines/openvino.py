@@ -72,7 +72,7 @@ def compile_graph(module: torch.nn.Module, fn: Callable, tensors: tuple[torch.Te
 
     dtype = next(module.parameters()).dtype
     folder = cache_dir() / content_key(module, fn, tensors, ov.__version__)
-    core = ov.Core()
+    core = _core()
     if (folder / "model.xml").is_file():
         model = core.read_model(folder / "model.xml")
     else:
@@ -81,6 +81,21 @@ def compile_graph(module: torch.nn.Module, fn: Callable, tensors: tuple[torch.Te
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION[dtype],
                                                  "PERFORMANCE_HINT": "LATENCY"})
     return OpenVINOGraph(compiled, dtype)
+
+
+_CORE: list = []
+_CORE_LOCK = threading.Lock()
+
+
+def _core():
+    """One OpenVINO Core per process: creating several and compiling with them crashed this test suite with a
+    segmentation fault (as ultralytics reports, PR #25864)."""
+    import openvino as ov
+
+    with _CORE_LOCK:
+        if not _CORE:
+            _CORE.append(ov.Core())
+        return _CORE[0]
 
 
 def _convert(module: torch.nn.Module, fn: Callable, tensors):
