@@ -70,13 +70,16 @@ class TracedCall:
         self._lock = threading.Lock()
 
     def bind(self, module: torch.nn.Module, trace: bool = True, backend: str = "torch") -> Callable[..., torch.Tensor]:
-        if not (trace and traceable(module)):
+        modules = list(module.modules())  # one walk for both checks
+        if not (trace and traceable(module, modules)):
             return functools.partial(self.fn, module)
-        structure, session = structure_key(module), object()
+        structure, session = _Structure(structure_key(module, modules)), object()
         with self._lock:
             for cache in (self._graphs, self._first_seen):
                 for key in [k for k in cache if k[0] != structure]:
                     del cache[key]
+            # the equal structure the caches hold, so each step's lookup compares it by identity
+            structure = next((k[0] for k in (*self._graphs, *self._first_seen)), structure)
 
         def call(*tensors: torch.Tensor) -> torch.Tensor:
             key = (structure, *((t.shape, t.dtype, t.device) for t in tensors))
@@ -131,16 +134,33 @@ def _trim(cache: OrderedDict, size: int) -> None:
         cache.popitem(last=False)
 
 
-def traceable(module: torch.nn.Module) -> bool:
-    """Whether a trace of `module` replays what an eager call would compute (see the module docstring)."""
-    if module.training or torch.is_grad_enabled() or any(p.device.type != "cpu" for p in module.parameters()):
+class _Structure:
+    """A structure key with its hash computed once: graph lookups happen every sampling step."""
+
+    __slots__ = ("key", "hash")
+
+    def __init__(self, key: tuple):
+        self.key, self.hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or isinstance(other, _Structure) and self.hash == other.hash and self.key == other.key
+
+
+def traceable(module: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> bool:
+    """Whether a trace of `module` replays what an eager call would compute (see the module docstring).
+    `modules`: `list(module.modules())`, when the caller has it."""
+    modules = list(module.modules()) if modules is None else modules
+    if module.training or torch.is_grad_enabled() or any(t.device.type != "cpu" for t in _tensors(modules)):
         return False
     if torch.is_autocast_enabled("cpu") or (torch.cuda.is_available() and torch.is_autocast_enabled("cuda")):
         return False
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
-    for m in module.modules():
+    for m in modules:
         if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook"):
             return False
         if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:  # torch.compile'd
@@ -150,16 +170,23 @@ def traceable(module: torch.nn.Module) -> bool:
     return True
 
 
-def structure_key(module: torch.nn.Module) -> tuple:
+def structure_key(module: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> tuple:
     """What a trace bakes in besides the inputs: the type and identity of every submodule and attention processor
     and every Python setting they hold (VAE slicing and tiling, FreeU factors, chunk sizes …), and where and in
     which dtype every weight lives, and its version (bumped by every in-place change: a compiled graph holds a copy
     of the weights)."""
+    modules = list(module.modules()) if modules is None else modules
     parts = []
-    for m in module.modules():
+    for m in modules:
         processor = getattr(m, "processor", None)
         for obj in (m, processor) if processor is not None else (m,):
             settings = tuple((k, setting(v)) for k, v in vars(obj).items() if k not in _MODULE_INTERNALS)
             parts.append((type(obj), id(obj), settings))
-    tensors = (*module.parameters(), *module.buffers())
-    return tuple(parts), tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    return tuple(parts), tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in _tensors(modules))
+
+
+def _tensors(modules: list[torch.nn.Module]):
+    """Every parameter and buffer of the modules (what module.parameters() and buffers() walk the tree again for)."""
+    for m in modules:
+        yield from (t for t in m._parameters.values() if t is not None)
+        yield from (t for t in m._buffers.values() if t is not None)
