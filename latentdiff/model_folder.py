@@ -22,8 +22,7 @@ from pathlib import Path
 import diffusers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import (CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer,
-                          CLIPVisionModelWithProjection)
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from .files import write_atomically
 from .schedulers import scheduler_class
@@ -202,9 +201,13 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
     if has_clip:
         loaders["clip"] = lambda: CLIPModel.from_pretrained(root / "clip", dtype=of("clip"), **kw)
     if has_encoder:
+        from transformers import CLIPVisionModelWithProjection
+
         loaders["image_encoder"] = lambda: CLIPVisionModelWithProjection.from_pretrained(
             root / "image_encoder", dtype=of("image_encoder"), **kw)
     if (root / "feature_extractor" / "preprocessor_config.json").is_file():
+        from transformers import CLIPImageProcessor
+
         loaders["feature_extractor"] = lambda: CLIPImageProcessor.from_pretrained(root / "feature_extractor")
     components = {"clip": None, "image_encoder": None, "feature_extractor": None}
     for name, load in loaders.items():
@@ -242,6 +245,8 @@ def save_clip_folder(clip: CLIPModel, tokenizer: CLIPTokenizer, folder, max_shar
                      variant: str | None = None) -> None:
     """The whole CLIP with its tokenizer and image-processor config, so any transformers CLIP tool can load it.
     Our CLIP takes images in [−1, 1]: the processor maps [0, 1] there (mean = std = 0.5)."""
+    from transformers import CLIPImageProcessor
+
     size = clip.config.vision_config.image_size
     clip.save_pretrained(folder, max_shard_size=max_shard_size, variant=variant)
     tokenizer.save_pretrained(folder)
