@@ -1,0 +1,188 @@
+"""Latent consistency distillation (LCM, Luo et al. 2023, after consistency models, Song et al. 2023): a student
+U-Net learns to map any point of the teacher's guided probability-flow ODE trajectory straight to its end, so
+that 1-4 steps of `LCMScheduler` give what the teacher gives in 25. The guidance scale is distilled in: the
+student takes w = s − 1 as an embedding (`time_cond_proj_dim`), which the pipeline passes for it
+(`pipelines/guidance.py`, EmbeddedGuidance), so a guided step costs one U-Net pass, not two.
+
+    python training/distill_lcm.py --model TEACHER --data DATA --output-dir runs/lcm --max-steps 2000
+
+--model is a whole pipeline folder (the teacher: its U-Net, text encoder and VAE stay frozen); the student starts as
+a copy of its U-Net with a zero-initialised guidance embedding, so before training it computes what the teacher
+does. Each step (Algorithm 1 of the LCM paper, with a DDIM solver of --num-ddim-timesteps steps over the training
+schedule; k = T / N):
+  x_t   = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,  t = t_n of the solver's schedule, n and w ~ U[w_min, w_max] drawn per sample
+  x_s   = a DDIM step of the teacher's guided prediction from t to s = t − k (x̂_0 and ε̂ guided as
+          c + w (c − u), the paper's form of classifier-free guidance)
+  loss  = Huber(f_θ(x_t, t, w),  f_θ⁻(x_s, s, w)),  f(x, t) = c_skip(t) x + c_out(t) x̂_0(x, t)
+with θ⁻ an exponential moving average of θ (--target-decay), c_skip and c_out the boundary conditions of LCMScheduler
+(σ_data = 0.5, timesteps scaled by 10), so f is the identity at t = 0. Latents and text states come from the same
+cache as the U-Net stage (`unet.py`, --cache-latents). The student, with the target's weights, and an
+LCMScheduler are written with the teacher's other parts to --model-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from .. import argparsing, diffusion
+from . import trainer
+from .unet import CachedLatents, build_cache, cache_path, collate_cached, sample_cached_latents
+from ..model_folder import vae_scale_factor
+from ..pipelines.guidance import guidance_embedding
+from ..pipelines.text_to_image import LatentDiffusionPipeline
+from ..schedulers import DDPMScheduler
+
+SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCMScheduler's boundary-condition constants
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip(t), c_out(t)) with c_skip(0) = 1, c_out(0) = 0: the consistency function is the identity at t = 0."""
+    scaled = TIMESTEP_SCALING * t.double()
+    c_skip = SIGMA_DATA ** 2 / (scaled ** 2 + SIGMA_DATA ** 2)
+    c_out = scaled / (scaled ** 2 + SIGMA_DATA ** 2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+def solver_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """The DDIM solver's timesteps t_n = (n + 1) k − 1, n = 0 … N − 1, k = T / N (LCMScheduler's origin steps)."""
+    k = num_train_timesteps // steps
+    return torch.arange(1, steps + 1) * k - 1
+
+
+def consistency_loss(student, target, teacher, schedule: diffusion.NoiseSchedule, latents: torch.Tensor,
+                     text: torch.Tensor, uncond: torch.Tensor, args, prediction_type: str) -> torch.Tensor:
+    """One LCM distillation loss on latents (B, C, h, w) with text states (B, L, D) and the empty text's (1, L, D)."""
+    batch, device = len(latents), latents.device
+    timesteps = solver_timesteps(len(schedule), args.num_ddim_timesteps).to(device)
+    k = len(schedule) // args.num_ddim_timesteps
+    t = timesteps[torch.randint(0, args.num_ddim_timesteps, (batch,), device=device)]
+    s = (t - k).clamp(min=0)
+    noise = torch.randn(latents.shape, device=device, dtype=latents.dtype)
+    alpha_t, alpha_s = schedule.alpha_bar(t, latents), schedule.alpha_bar(s, latents)
+    x_t = diffusion.q_sample(latents, noise, alpha_t)
+    w = args.w_min + (args.w_max - args.w_min) * torch.rand(batch, device=device)
+    w_embedding = guidance_embedding(w.cpu(), target.config.time_cond_proj_dim).to(device, latents.dtype)  # target:
+    # never wrapped by accelerate (the student may be a DistributedDataParallel, which has no .config)
+    w = diffusion.broadcast_to(w, latents)
+
+    def consistency(unet, x, timestep, alpha_bar):
+        output = unet(x, timestep, encoder_hidden_states=text, timestep_cond=w_embedding).sample
+        x0, _ = diffusion.split_model_output(output, x, alpha_bar, prediction_type)
+        c_skip, c_out = (diffusion.broadcast_to(c, x) for c in boundary_scalings(timestep))
+        return c_skip * x + c_out * x0
+
+    prediction = consistency(student, x_t, t, alpha_t)
+    with torch.no_grad():
+        both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                       encoder_hidden_states=torch.cat([text, uncond.expand_as(text)])).sample
+        (x0_c, eps_c), (x0_u, eps_u) = (diffusion.split_model_output(o, x_t, alpha_t, prediction_type)
+                                        for o in both.chunk(2))
+        x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        x_s = alpha_s.sqrt() * x0 + (1 - alpha_s).sqrt() * eps  # the DDIM step (η = 0) from t to s
+        goal = consistency(target, x_s, s, alpha_s)
+    difference = (prediction.float() - goal.float()) ** 2
+    return torch.mean(torch.sqrt(difference + args.huber_c ** 2) - args.huber_c)
+
+
+def student_from(teacher: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
+    """The teacher's U-Net with a guidance embedding of width `dim` added, initialised to zero (so the student
+    starts as the teacher)."""
+    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise ValueError(f"the teacher's U-Net does not fit its student: missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparsing.parser(None, __doc__)
+    parser.add_argument("--model", required=True, help="the teacher: a whole pipeline folder")
+    parser.add_argument("--model-dir", default=None, help="where the distilled pipeline goes (default: OUTPUT_DIR/model)")
+    parser.add_argument("--num-ddim-timesteps", type=int, default=50, help="the DDIM solver's steps N (default: 50)")
+    parser.add_argument("--w-min", type=float, default=2.0, help="smallest guidance weight w = s − 1 distilled (default: 2)")
+    parser.add_argument("--w-max", type=float, default=14.0, help="largest guidance weight w = s − 1 distilled (default: 14)")
+    parser.add_argument("--huber-c", type=float, default=0.001, help="the Huber loss's c (default: 0.001)")
+    parser.add_argument("--target-decay", type=float, default=0.95, help="EMA decay of the target network (default: 0.95)")
+    parser.add_argument("--time-cond-proj-dim", type=int, default=256, help="width of the guidance embedding (default: 256)")
+    parser.add_argument("--cache-dir", default=None, help="the latent cache (default: ~/.cache/latentdiff)")
+    trainer.add_common_args(parser, lr=1e-4, batch_size=32, max_steps=2000)
+    return parser
+
+
+def check_args(args) -> None:
+    trainer.check_args(args)
+    if args.num_ddim_timesteps < 1:
+        raise ValueError(f"--num-ddim-timesteps must be ≥ 1, got {args.num_ddim_timesteps}")
+    if not 0 <= args.w_min <= args.w_max:
+        raise ValueError(f"--w-min and --w-max must satisfy 0 ≤ w-min ≤ w-max, got {args.w_min} and {args.w_max}")
+    if not 0 <= args.target_decay < 1:
+        raise ValueError(f"--target-decay must be in [0, 1), got {args.target_decay}")
+    if args.huber_c <= 0 or args.time_cond_proj_dim < 1:
+        raise ValueError(f"--huber-c must be > 0 and --time-cond-proj-dim ≥ 1, got {args.huber_c} and "
+                         f"{args.time_cond_proj_dim}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    accelerator, model_dir = trainer.start(args, "distill_lcm")
+    device = accelerator.device
+    teacher_pipe = LatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    vae, text_encoder, tokenizer = teacher_pipe.vae, teacher_pipe.text_encoder, teacher_pipe.tokenizer
+    teacher = teacher_pipe.unet.requires_grad_(False).eval().to(device)
+    for part in (vae, text_encoder):
+        part.requires_grad_(False).to(device)
+    schedule = DDPMScheduler.from_config(teacher_pipe.scheduler.config).schedule
+    if args.num_ddim_timesteps > len(schedule):
+        raise ValueError(f"--num-ddim-timesteps must be at most the schedule's {len(schedule)} steps")
+    prediction_type = teacher_pipe.scheduler.config.prediction_type
+    student = student_from(teacher, args.time_cond_proj_dim).to(device)
+    target = copy.deepcopy(student).requires_grad_(False).eval()
+    # the target network θ⁻ is the EMA the trainer keeps (and checkpoints) of the student; diffusers' EMAModel ramps
+    # its decay up as (1 + n) / (10 + n) to --target-decay
+    ema = EMAModel(student.parameters(), decay=args.target_decay)
+
+    resolution = args.resolution or teacher.config.sample_size * vae_scale_factor(vae.config)
+    train_set, _ = trainer.split_dataset(args, resolution)
+    path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder, tokenizer,
+                      train_set, resolution)
+    if accelerator.is_main_process and not path.is_file():
+        accelerator.print(f"caching latents and text states to {path}")
+        build_cache(path, train_set, vae, text_encoder, tokenizer, device)
+    accelerator.wait_for_everyone()
+    cached = CachedLatents(path, seed=args.seed)
+    text_table, scaling = cached.text.to(device), vae.config.scaling_factor
+    loader = trainer.make_loader(cached, args, collate_fn=collate_cached)
+    ema.to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader,
+                                                                   trainer.make_lr_scheduler(optimizer, args))
+
+    def step(batch):
+        ema.copy_to(target.parameters())
+        latents = sample_cached_latents(batch, scaling)
+        loss = consistency_loss(student, target, teacher, schedule, latents, text_table[batch["text_ids"]],
+                                text_table[:1], args, prediction_type)
+        return loss, {}
+
+    progress = trainer.train(accelerator, args, [student], optimizer, lr_scheduler, loader, step, ema=ema)
+    summary = progress.summary()
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(student)
+        ema.copy_to(raw.parameters())  # the target network is the one that samples
+        LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw,
+                                scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config,
+                                                                   original_inference_steps=args.num_ddim_timesteps),
+                                clip=teacher_pipe.clip).save_pretrained(model_dir)
+        summary["model"] = str(model_dir)
+        trainer.write_summary(args.output_dir, summary)
+    accelerator.end_training()
+    return summary
+
