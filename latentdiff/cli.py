@@ -327,15 +327,23 @@ def _run(argv: list[str]) -> None:
 def quiet_libraries() -> None:
     """What a CLI user should not see: the libraries' per-file loading bars ("Loading weights", "Loading
     checkpoint shards") and datasets' notices and warnings about local folders ("Downloading data"). diffusers'
-    and transformers' warnings still show, and so do latentdiff's own progress bars (sampling, evaluation)."""
-    import datasets
+    and transformers' warnings still show, and so do latentdiff's own progress bars (sampling, evaluation).
+    `datasets` is told through its environment variables, read when it is imported: a command that reads no data
+    set (`generate`) does not import it (half a second)."""
+    import os
+
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        datasets = sys.modules["datasets"]
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
 
 
 if __name__ == "__main__":
