@@ -10,22 +10,9 @@ import torch
 from latentdiff.pipelines import openvino
 
 from conftest import seeded
+from test_tracing import STEPS, eager, run  # the same two-prompt call, compiled and eager
 
 pytestmark = pytest.mark.skipif(not openvino.available(), reason="openvino is not installed")
-STEPS = 3
-
-
-def run(pipe, **kw):
-    return pipe(["a tiger", "a red apple"], num_inference_steps=STEPS, generator=[seeded(0), seeded(1)],
-                output_type="np", **kw).images
-
-
-def eager(pipe, **kw):
-    pipe.use_tracing = False
-    try:
-        return run(pipe, **kw)
-    finally:
-        pipe.use_tracing = True
 
 
 def graph_types(pipe) -> set:
