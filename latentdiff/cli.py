@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=positive_int, default=None,
                      help="images of the prompt: each written as OUT-k.png, and all as one grid in OUT (default: 1)")
     gen.add_argument("--negative-prompt", default=None, help="text to steer away from (default: none, the empty prompt)")
-    gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the model's own")
+    gen.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
+                     help="default: the model's own; with --steps at most 8 on a model with few-step weights (the "
+                          "shipped emoji model), those weights and LCMScheduler. A scheduler named here always "
+                          "samples the model itself")
     gen.add_argument("--init-image", default=None, metavar="PATH",
                      help="start from this image (img2img; default: none, from noise)")
     gen.add_argument("--strength", type=float, default=None,
@@ -147,8 +150,10 @@ def generate(args) -> list[Path]:
     pipeline_class = (LatentDiffusionInpaintPipeline if args.mask else LatentDiffusionImg2ImgPipeline
                       if args.init_image else LatentDiffusionPipeline)
     pipe = pipeline_class.from_pretrained(args.model)
-    if args.scheduler:
+    if args.scheduler:  # a sampler chosen for the model itself: its few-step weights stay unused
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+        pipe.use_few_step = False
+    few_step = pipe.few_step_for(args.steps)
     seeds = [args.seed + k for k in range(args.num_images)]
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
@@ -157,7 +162,8 @@ def generate(args) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
               "guidance_scale": args.guidance_scale, "height": images[0].height, "width": images[0].width,
-              "scheduler": type(pipe.scheduler).__name__, "scheduler_choice": args.scheduler,
+              "scheduler": "LCMScheduler" if few_step else type(pipe.scheduler).__name__,
+              "scheduler_choice": args.scheduler, **({"few_step": True} if few_step else {}),
               "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
     if args.init_image is not None:  # where the image came from (paths as given), for --from-png
         params.update(init_image=args.init_image, mask=args.mask,

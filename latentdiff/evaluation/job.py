@@ -40,7 +40,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scales", default="1,2,4,7.5", help="comma-separated guidance scales to sweep")
     parser.add_argument("--steps", type=argparsing.positive_int, default=25, help="sampling steps per image")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None,
-                        help="sampler (default: the model's own)")
+                        help="sampler (default: the model's own; with --steps at most 8 on a model with few-step "
+                             "weights, those weights and LCMScheduler). A scheduler named here always samples the "
+                             "model itself")
     parser.add_argument("--dtype", choices=tuple(argparsing.DTYPE_NAMES), default="fp32",
                         help="the networks' precision while generating (the judge always runs in fp32)")
     parser.add_argument("--images-per-prompt", type=argparsing.positive_int, default=4, help="images per prompt and scale")
@@ -354,8 +356,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
         print(f"no judge ({model_dir} has no clip/ and no --judge was given): CLIP score, retrieval and FD are "
               "skipped; the oracle scores the images")
     pipe = LatentDiffusionPipeline.from_pretrained(model_dir).to(state.device, dtype=argparsing.torch_dtype(args.dtype))
-    if args.scheduler:
+    if args.scheduler:  # a sampler chosen for the model itself: its few-step weights stay unused
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+        pipe.use_few_step = False
+    few_step = pipe.few_step_for(args.steps) is not None
     pipe.set_progress_bar_config(disable=True)
     judge = ev.Judge(judge_spec, state.device) if judge_spec is not None else None
     real_images, real_captions = reference_images(args, dataset) if state.is_main_process and judge else ([], None)
@@ -408,7 +412,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     if small:
         print(f"warning: oracle accuracy on {small[0]} px images is unreliable (it needs ≥ 64 px; see README)")
     report = {"out": str(out), "model": str(model_dir), "judge": judge_spec and str(judge_spec), "prompts": len(prompts),
-              "steps": args.steps, "scheduler": type(pipe.scheduler).__name__, "dtype": args.dtype, "seed": args.seed,
+              "steps": args.steps, "scheduler": "LCMScheduler" if few_step else type(pipe.scheduler).__name__,
+              "few_step": few_step, "dtype": args.dtype, "seed": args.seed,
               "images_per_prompt": args.images_per_prompt, "processes": state.num_processes, "scales": rows}
     if reference is None:
         report["fd_note"] = fd_note

@@ -26,6 +26,7 @@ from . import attention
 from .. import model_folder
 from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
 from ..model_folder import save_clip_folder, vae_scale_factor
+from .few_step import FOLDER as FEW_STEP_FOLDER, FewStep
 from .tracing import TracedCall, default_backend
 
 logger = logging.getLogger(__name__)
@@ -90,14 +91,20 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                 attention.fit(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
         self.use_tracing = True
         self.compile_backend = default_backend()
+        self.few_step: FewStep | None = None  # the model's few-step weights (from_pretrained finds few_step/)
+        self.use_few_step = True
         self._traced_unet = TracedCall(_unet_forward)
+        self._traced_guided_unet = TracedCall(_guided_unet_forward)  # guidance distilled in (LCM)
         self._traced_decoder = TracedCall(_vae_decode)
 
     def clear_compiled(self) -> None:
         """Drop every traced and compiled graph (after weights were changed through `.data`, which no version
         counter sees); the next calls record them again."""
         self._traced_unet.clear()
+        self._traced_guided_unet.clear()
         self._traced_decoder.clear()
+        if self.few_step is not None:
+            self.few_step.clear()
 
     def to(self, *args, **kwargs) -> "LatentDiffusionPipeline":
         """DiffusionPipeline.to (device and/or dtype), then the attention that suits the new dtype and device."""
@@ -138,7 +145,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         for name, component in loaded.items():
             if component is not None and name not in components:
                 logger.info("Loaded %s as %s from `%s` subfolder of %s.", name, type(component).__name__, name, root)
-        return cls(**{**loaded, **components}, **{k: v for k, v in ignored.items() if k != "requires_safety_checker"})
+        pipe = cls(**{**loaded, **components}, **{k: v for k, v in ignored.items() if k != "requires_safety_checker"})
+        if "unet" not in components:
+            pipe.few_step = FewStep.find(root)
+        return pipe
 
     @property
     def components(self) -> dict:
@@ -154,7 +164,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                         components: tuple[str, ...] | None = None, **kwargs) -> None:
         """Write a diffusers pipeline folder (safetensors, shards ≤ `max_shard_size`) plus `clip/` when present.
 
-        Only the component folders and model_index.json are replaced; other files in the folder are left alone.
+        Only the component folders, model_index.json and the few-step weights (`few_step/`, which go with the U-Net:
+        written when the pipeline has them, else removed) are replaced; other files in the folder are left alone.
         An IP-Adapter's `image_encoder` and `feature_extractor` are written when the pipeline has them.
         Each component is written completely to a staging folder before it replaces the old one
         (`model_folder.write_component`), so an interrupted save never leaves a half-written component.
@@ -198,6 +209,12 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                 model_folder.write_component(
                     target / name, lambda folder, c=component: c.save_pretrained(folder, max_shard_size=max_shard_size,
                                                                                  variant=variant))
+        if components is None or "unet" in components:  # few-step weights belong to the U-Net written with them
+            if self.few_step is not None:
+                unet_dtype = self.unet.dtype
+                self.few_step.copy_to(target, dtype=unet_dtype if unet_dtype != torch.float32 else None)
+            else:
+                model_folder.write_component(target / FEW_STEP_FOLDER, None)
         model_folder.write_model_index(target, self.scheduler)
 
     @property
@@ -218,7 +235,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         if state is None:
             state = states[threading.get_ident()] = SimpleNamespace(
                 guidance=ClassifierFreeGuidance(), clip_skip=None, cross_attention_kwargs=None, interrupt=False,
-                num_timesteps=0, added_cond_kwargs=None)
+                num_timesteps=0, added_cond_kwargs=None, unet=None)
         return state
 
     guidance_scale = property(lambda self: self._call_state().guidance.scale)
@@ -331,23 +348,26 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         check that the latents are finite, and the step callback (which may replace tensors of
         `_callback_tensor_inputs` or set `pipe._interrupt`)."""
         state = self._call_state()
+        module = state.unet or self.unet  # the call's U-Net: the model's own, or its few-step student
         timestep_cond = None
         if isinstance(guidance, EmbeddedGuidance):
-            timestep_cond = guidance.timestep_cond(len(latents), self.unet.config.time_cond_proj_dim, latents.device,
-                                                   self.unet.dtype)
-        eager = timestep_cond is not None or bool(state.cross_attention_kwargs) or state.added_cond_kwargs is not None
-        unet = self._traced_unet.bind(self.unet, trace=self.use_tracing and not eager, backend=self.compile_backend)
-        unet_dtype, timesteps = self.unet.dtype, scheduler.timesteps
+            timestep_cond = guidance.timestep_cond(len(latents), module.config.time_cond_proj_dim, latents.device,
+                                                   module.dtype)
+        eager = bool(state.cross_attention_kwargs) or state.added_cond_kwargs is not None
+        traced = self._traced_unet if timestep_cond is None else self._traced_guided_unet
+        unet = traced.bind(module, trace=self.use_tracing and not eager, backend=self.compile_backend)
+        extra = () if timestep_cond is None else (timestep_cond,)
+        unet_dtype, timesteps = module.dtype, scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
             if state.interrupt:
                 continue
             model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.passes), t)
             if eager:
-                output = self.unet(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
+                output = module(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
                                    timestep_cond=timestep_cond, cross_attention_kwargs=state.cross_attention_kwargs,
                                    added_cond_kwargs=state.added_cond_kwargs, return_dict=False)[0].float()
             else:
-                output = unet(model_input.to(unet_dtype), t, embeds).float()
+                output = unet(model_input.to(unet_dtype), t, embeds, *extra).float()
             latents = scheduler.step(guidance(output), t, latents, **step_kwargs, return_dict=False)[0]
             latents = self.after_step(latents, i, timesteps, scheduler)
             _check_finite(latents, f"the latents after step {i + 1} of {len(timesteps)}", guidance.scale)
@@ -477,6 +497,21 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             raise ValueError("ip_adapter_image needs an image encoder, and pipe.image_encoder is None: load the "
                              "IP-Adapter with its image_encoder_folder, or pass ip_adapter_image_embeds")
 
+    def few_step_for(self, num_inference_steps: int | None, timesteps=None, sigmas=None, cross_attention_kwargs=None,
+                     image_prompt: bool = False) -> FewStep | None:
+        """The model's few-step weights when this call should sample with them: at most their `max_steps` steps by
+        num_inference_steps (not a custom schedule), `pipe.use_few_step` on, and a U-Net they were made for (no
+        guidance embedding of its own, no LoRA or IP-Adapter loaded into it)."""
+        few_step = self.few_step
+        if (few_step is None or not self.use_few_step or timesteps is not None or sigmas is not None
+                or num_inference_steps is None or num_inference_steps > few_step.max_steps):
+            return None
+        unet = self.unet
+        if (unet.config.time_cond_proj_dim is not None or getattr(unet, "_hf_peft_config_loaded", False)
+                or unet.config.encoder_hid_dim_type is not None or cross_attention_kwargs or image_prompt):
+            return None
+        return few_step
+
     @torch.no_grad()
     def __call__(
         self,
@@ -536,7 +571,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                                     num_images_per_prompt, output_type, generator, latents, timesteps, sigmas,
                                     callback_on_step_end_tensor_inputs, ip_adapter_image, ip_adapter_image_embeds)
         state = self._call_state()
-        embedded = self.unet.config.time_cond_proj_dim is not None
+        image_prompt = ip_adapter_image is not None or ip_adapter_image_embeds is not None
+        few_step = self.few_step_for(num_inference_steps, timesteps, sigmas, cross_attention_kwargs, image_prompt)
+        state.unet = unet = few_step.unet(self.unet) if few_step is not None else self.unet
+        embedded = unet.config.time_cond_proj_dim is not None
         guidance = (EmbeddedGuidance if embedded else ClassifierFreeGuidance)(guidance_scale, guidance_rescale)
         state.guidance, state.clip_skip, state.interrupt = guidance, clip_skip, False
         state.cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
@@ -557,20 +595,20 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         embeds = torch.cat([e for e, run in ((negative_prompt_embeds, guidance.uncond), (prompt_embeds, guidance.cond))
                             if run])
         state.added_cond_kwargs = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:  # the image prompt, rows as `embeds`
+        if image_prompt:  # the image prompt, rows as `embeds`
             image_embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                                 prompts * num_images_per_prompt, guidance.uncond)
             if not guidance.cond:  # unconditional sampling: the negative rows only
                 image_embeds = [e.chunk(2)[0] for e in image_embeds]
-            state.added_cond_kwargs = {"image_embeds": [e.to(self.unet.dtype) for e in image_embeds]}
+            state.added_cond_kwargs = {"image_embeds": [e.to(unet.dtype) for e in image_embeds]}
 
         # 2. The call's own scheduler (threads sharing the pipeline must not share its timesteps or multistep
         #    history), its timesteps, and the initial noise.
-        scheduler = copy.deepcopy(self.scheduler)
+        scheduler = few_step.scheduler(self.scheduler.config) if few_step is not None else copy.deepcopy(self.scheduler)
         timesteps = self.get_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
         state.num_timesteps = len(timesteps)
-        latents = self.prepare_latents(prompts * num_images_per_prompt, self.unet.config.in_channels, height, width,
-                                       self.unet.dtype, device, generator, latents, scheduler)
+        latents = self.prepare_latents(prompts * num_images_per_prompt, unet.config.in_channels, height, width,
+                                       unet.dtype, device, generator, latents, scheduler)
         step_kwargs = _accepted_kwargs(scheduler.step, eta=eta, generator=generator)
 
         # 3. Denoise, 4. decode.
@@ -583,6 +621,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
 
 def _unet_forward(unet, sample, timestep, hidden_states):
     return unet(sample, timestep, encoder_hidden_states=hidden_states, return_dict=False)[0]
+
+
+def _guided_unet_forward(unet, sample, timestep, hidden_states, timestep_cond):
+    return unet(sample, timestep, encoder_hidden_states=hidden_states, timestep_cond=timestep_cond,
+                return_dict=False)[0]
 
 
 def _vae_decode(vae, latents):

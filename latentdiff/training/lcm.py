@@ -18,6 +18,11 @@ with θ⁻ an exponential moving average of θ (--target-decay), c_skip and c_ou
 (σ_data = 0.5, timesteps scaled by 10), so f is the identity at t = 0. Latents and text states come from the same
 cache as the U-Net stage (`unet.py`, --cache-latents). The student, with the target's weights, and an
 LCMScheduler are written with the teacher's other parts to --model-dir.
+
+With --lora-rank R (LCM-LoRA, Luo et al. 2023b) only a LoRA of rank R and the guidance embedding train, the teacher's
+weights frozen inside the student; --model-dir then gets the teacher's pipeline with the student as its few-step
+weights (`few_step/`, `pipelines/few_step.py`), which the pipeline uses by itself for calls of at most
+--few-step-max-steps steps. That is how the shipped model carries its few-step weights within its size limit.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import copy
 from pathlib import Path
 
 import torch
-from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers import LCMScheduler
 from diffusers.training_utils import EMAModel
 
 from .. import argparsing, diffusion
 from . import trainer
-from .unet import CachedLatents, build_cache, cache_path, collate_cached, sample_cached_latents
+from .unet import cached_latents, collate_cached, sample_cached_latents
 from ..model_folder import vae_scale_factor
+from ..pipelines import few_step
 from ..pipelines.guidance import guidance_embedding
 from ..pipelines.text_to_image import LatentDiffusionPipeline
 from ..schedulers import DDPMScheduler
@@ -90,17 +96,6 @@ def consistency_loss(student, target, teacher, schedule: diffusion.NoiseSchedule
     return torch.mean(torch.sqrt(difference + args.huber_c ** 2) - args.huber_c)
 
 
-def student_from(teacher: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
-    """The teacher's U-Net with a guidance embedding of width `dim` added, initialised to zero (so the student
-    starts as the teacher)."""
-    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": dim})
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
-        raise ValueError(f"the teacher's U-Net does not fit its student: missing {missing}, unexpected {unexpected}")
-    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return student
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparsing.parser(None, __doc__)
     parser.add_argument("--model", required=True, help="the teacher: a whole pipeline folder")
@@ -111,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--huber-c", type=float, default=0.001, help="the Huber loss's c (default: 0.001)")
     parser.add_argument("--target-decay", type=float, default=0.95, help="EMA decay of the target network (default: 0.95)")
     parser.add_argument("--time-cond-proj-dim", type=int, default=256, help="width of the guidance embedding (default: 256)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train a LoRA of this rank (LCM-LoRA) and the guidance embedding instead of the whole "
+                             "U-Net, and write them as the model's few_step/ folder too (default: 0, the whole U-Net)")
+    parser.add_argument("--few-step-max-steps", type=int, default=8,
+                        help="with --lora-rank: the pipeline uses the few-step weights for calls of at most this "
+                             "many steps (default: 8)")
     parser.add_argument("--cache-dir", default=None, help="the latent cache (default: ~/.cache/latentdiff)")
     trainer.add_common_args(parser, lr=1e-4, batch_size=32, max_steps=2000)
     return parser
@@ -124,6 +125,9 @@ def check_args(args) -> None:
         raise ValueError(f"--w-min and --w-max must satisfy 0 ≤ w-min ≤ w-max, got {args.w_min} and {args.w_max}")
     if not 0 <= args.target_decay < 1:
         raise ValueError(f"--target-decay must be in [0, 1), got {args.target_decay}")
+    if args.lora_rank < 0 or args.few_step_max_steps < 1:
+        raise ValueError(f"--lora-rank must be ≥ 0 and --few-step-max-steps ≥ 1, got {args.lora_rank} and "
+                         f"{args.few_step_max_steps}")
     if args.huber_c <= 0 or args.time_cond_proj_dim < 1:
         raise ValueError(f"--huber-c must be > 0 and --time-cond-proj-dim ≥ 1, got {args.huber_c} and "
                          f"{args.time_cond_proj_dim}")
@@ -132,6 +136,10 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_args(args)
+    if not args.lora_rank and Path(args.model_dir or Path(args.output_dir) / "model").resolve() == \
+            Path(args.model).resolve():
+        raise ValueError(f"--model-dir must differ from --model {args.model!r}: the whole student would replace its "
+                         "teacher (with --lora-rank the student is added to the teacher's folder as few_step/)")
     accelerator, model_dir = trainer.start(args, "distill_lcm")
     device = accelerator.device
     teacher_pipe = LatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
@@ -143,25 +151,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num_ddim_timesteps > len(schedule):
         raise ValueError(f"--num-ddim-timesteps must be at most the schedule's {len(schedule)} steps")
     prediction_type = teacher_pipe.scheduler.config.prediction_type
-    student = student_from(teacher, args.time_cond_proj_dim).to(device)
+    student = few_step.with_guidance_embedding(teacher, args.time_cond_proj_dim).to(device).train()
+    if args.lora_rank:  # LCM-LoRA: the base frozen, a LoRA and the guidance embedding trained
+        student.requires_grad_(False)
+        few_step.add_lora(student, args.lora_rank)
+        student.time_embedding.cond_proj.requires_grad_(True)
     target = copy.deepcopy(student).requires_grad_(False).eval()
     # the target network θ⁻ is the EMA the trainer keeps (and checkpoints) of the student; diffusers' EMAModel ramps
-    # its decay up as (1 + n) / (10 + n) to --target-decay
+    # its decay up as (1 + n) / (10 + n) to --target-decay (frozen weights are copied as they are)
     ema = EMAModel(student.parameters(), decay=args.target_decay)
 
     resolution = args.resolution or teacher.config.sample_size * vae_scale_factor(vae.config)
     train_set, _ = trainer.split_dataset(args, resolution)
-    path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder, tokenizer,
-                      train_set, resolution)
-    if accelerator.is_main_process and not path.is_file():
-        accelerator.print(f"caching latents and text states to {path}")
-        build_cache(path, train_set, vae, text_encoder, tokenizer, device)
-    accelerator.wait_for_everyone()
-    cached = CachedLatents(path, seed=args.seed)
+    cached = cached_latents(accelerator, args, train_set, resolution, vae, text_encoder, tokenizer)
     text_table, scaling = cached.text.to(device), vae.config.scaling_factor
     loader = trainer.make_loader(cached, args, collate_fn=collate_cached)
     ema.to(device)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader,
                                                                    trainer.make_lr_scheduler(optimizer, args))
 
@@ -177,10 +184,18 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(student)
         ema.copy_to(raw.parameters())  # the target network is the one that samples
-        LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw,
-                                scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config,
-                                                                   original_inference_steps=args.num_ddim_timesteps),
-                                clip=teacher_pipe.clip).save_pretrained(model_dir)
+        if args.lora_rank:  # the teacher's pipeline, with the student beside it as few-step weights
+            if Path(model_dir).resolve() != Path(args.model).resolve():
+                LatentDiffusionPipeline(**teacher_pipe.components).save_pretrained(model_dir)
+            summary["few_step"] = str(few_step.save(
+                raw, Path(model_dir) / few_step.FOLDER, args.lora_rank, args.num_ddim_timesteps,
+                args.few_step_max_steps, (1 + args.w_min, 1 + args.w_max)))
+        else:
+            LatentDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw, clip=teacher_pipe.clip,
+                scheduler=LCMScheduler.from_config(teacher_pipe.scheduler.config,
+                                                   original_inference_steps=args.num_ddim_timesteps)
+            ).save_pretrained(model_dir)
         summary["model"] = str(model_dir)
         trainer.write_summary(args.output_dir, summary)
     accelerator.end_training()

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..files import write_atomically
 from .trainer import hardware
 
-STAGES = ("data", "clip", "vae", "unet", "decoder", "eval")
+STAGES = ("data", "clip", "vae", "unet", "decoder", "distill", "eval")
 
 
 # Keys a section may hold, and the flags run-recipe itself gives each stage: its inputs and outputs, which a recipe
@@ -43,6 +43,7 @@ RESERVED_FLAGS = {
     "vae": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
     "decoder": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint", "--finetune-decoder"),
     "unet": ("--data", "--output-dir", "--model-dir", "--model", "--resume-from-checkpoint", "--cache-dir"),
+    "distill": ("--data", "--output-dir", "--model-dir", "--model", "--resume-from-checkpoint", "--cache-dir"),
     "eval": ("--model", "--prompts", "--out"),
 }
 DATA_KINDS = ("shapes", "emoji", "folder")
@@ -147,11 +148,13 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
 
         parser, argv = build_parser(), ["--prompts", "DATA", "--out", "OUT", *args]
     else:
-        from . import clip as clip_training, unet as unet_training, vae as vae_training
+        from . import clip as clip_training, lcm, unet as unet_training, vae as vae_training
 
-        module = {"clip": clip_training, "vae": vae_training, "decoder": vae_training, "unet": unet_training}[stage]
+        module = {"clip": clip_training, "vae": vae_training, "decoder": vae_training, "unet": unet_training,
+                  "distill": lcm}[stage]
         parser = module.build_parser()
-        argv = ["--data", "DATA", "--output-dir", "OUT", *(["--model", "MODEL"] if stage == "unet" else []), *args]
+        argv = ["--data", "DATA", "--output-dir", "OUT", *(["--model", "MODEL"] if stage in ("unet", "distill") else []),
+                *args]
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
@@ -228,7 +231,7 @@ def _data_stage(recipe: dict, out: Path) -> dict:
 
 def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = None) -> dict:
     """Run (or finish) every stage of a recipe; returns {stage: record}."""
-    from . import clip as clip_training, unet as unet_training, vae as vae_training
+    from . import clip as clip_training, lcm, unet as unet_training, vae as vae_training
     from ..evaluation import job as eval_job
 
     recipe, out = load_recipe(path), Path(out)
@@ -258,6 +261,8 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
             summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
         elif stage == "decoder":
             summary = vae_training.main([*common, "--model-dir", str(out / "model"), "--finetune-decoder", *args])
+        elif stage == "distill":
+            summary = lcm.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"), *args])
         elif stage == "eval":
             summary = eval_job.main(["--model", str(out / "model"), "--prompts", data, "--out", str(out / "eval"),
                                      *args])

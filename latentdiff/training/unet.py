@@ -124,6 +124,17 @@ class CachedLatents(torch.utils.data.Dataset):
                 "text_id": self.tensors["caption_ids"][start + pick]}
 
 
+
+def cached_latents(accelerator, args, train_set, resolution: int, vae, text_encoder, tokenizer) -> "CachedLatents":
+    """The training set's latent cache (--cache-dir), built by the main process when missing."""
+    path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder, tokenizer,
+                      train_set, resolution)
+    if accelerator.is_main_process and not path.is_file():
+        accelerator.print(f"caching latents and text states to {path}")
+        build_cache(path, train_set, vae, text_encoder, tokenizer, accelerator.device)
+    accelerator.wait_for_everyone()
+    return CachedLatents(path, seed=args.seed)
+
 def sample_cached_latents(batch: dict, scaling_factor: float) -> torch.Tensor:
     """z ~ N(mean, std²) × scaling_factor: the posterior sample the VAE would draw (same numbers, same order)."""
     mean = batch["mean"]
@@ -268,13 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. Data: cached latents and text states, or images and captions encoded every step.
     if args.cache_latents:
-        path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder,
-                          tokenizer, train_set, resolution)
-        if accelerator.is_main_process and not path.is_file():
-            accelerator.print(f"caching latents and text states to {path}")
-            build_cache(path, train_set, vae, text_encoder, tokenizer, device)
-        accelerator.wait_for_everyone()
-        cached = CachedLatents(path, seed=args.seed)
+        cached = cached_latents(accelerator, args, train_set, resolution, vae, text_encoder, tokenizer)
         text_table = cached.text.to(device)
         loader = trainer.make_loader(cached, args, collate_fn=collate_cached)
     else:
