@@ -11,17 +11,21 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .model_folder import ModelFolderError
-from .models import load_preset, new_pipeline
-from .pipelines.image_to_image import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
-from .pipelines.text_to_image import LatentDiffusionPipeline
-from .schedulers import DDIMScheduler, DDPMScheduler
-from .tokenizer import train_tokenizer
-
 __version__ = "0.1.0"
-__all__ = ["LatentDiffusionPipeline", "LatentDiffusionImg2ImgPipeline", "LatentDiffusionInpaintPipeline",
-           "DDPMScheduler", "DDIMScheduler", "ModelFolderError", "new_pipeline", "load_preset", "train_tokenizer",
-           "__version__"]
+# The public names, imported when first used (PEP 562): `import latentdiff` and the CLI's cold start load neither
+# torch nor diffusers until something needs them.
+_PUBLIC = {
+    "LatentDiffusionPipeline": "pipelines.text_to_image",
+    "LatentDiffusionImg2ImgPipeline": "pipelines.image_to_image",
+    "LatentDiffusionInpaintPipeline": "pipelines.image_to_image",
+    "DDPMScheduler": "schedulers",
+    "DDIMScheduler": "schedulers",
+    "ModelFolderError": "model_folder",
+    "new_pipeline": "models",
+    "load_preset": "models",
+    "train_tokenizer": "tokenizer",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
 
 # Modules that moved into the subpackages still import by their old names (the same module objects).
@@ -55,7 +59,12 @@ sys.meta_path.append(_MovedModules())
 
 
 def __getattr__(name: str):
-    """`latentdiff.pipeline` and the other old names as attributes too (`from latentdiff import clip_training`)."""
+    """The public names, and `latentdiff.pipeline` and the other old names as attributes too (`from latentdiff
+    import clip_training`)."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"latentdiff.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
     if f"latentdiff.{name}" in MOVED:
         return importlib.import_module(f"latentdiff.{name}")
     raise AttributeError(f"module 'latentdiff' has no attribute {name!r}")

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 from . import __version__, argparsing
-from .argparsing import guidance, positive_int, seed
+from .argparsing import SCHEDULER_NAMES, guidance, positive_int, seed
 from .data.build import add_data_commands, make_data
-from .schedulers import SCHEDULER_NAMES
 
 PROVENANCE_FILES = ("recipe.json",)
 
@@ -63,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
-    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,eval (default: every stage of the "
+    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,distill,eval (default: every stage of the "
                         "recipe)")
 
     export = sub("export", help="copy a model folder with its weights stored in another precision")
@@ -77,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out clip/ (the judge for CLIP score and retrieval; generation does not use it)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace the model in an existing --out folder (its other files are kept)")
+
+    compile_ = sub("compile", help="build a model's runtime for `generate` (OpenVINO networks, no torch at start-up); "
+                   "the first `generate` of a model also builds it, in the background")
+    compile_.add_argument("--model", default=None, help="model folder, or a shipped model's name (default: emoji)")
 
     new = sub("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
@@ -127,47 +130,36 @@ def generation_args(args) -> None:
 
 def generate(args) -> list[Path]:
     """The images of the prompt, each with its own seed (seed + k) and its parameters in its PNG; with several,
-    OUT-k.png each and the grid in OUT. Returns the paths written."""
-    import torch
+    OUT-k.png each and the grid in OUT. Returns the paths written.
 
-    from PIL import Image
-
-    from . import __version__
-    from .pipelines.image_to_image import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+    Text to image with the model's own sampler runs from the model's runtime bundle (`latentdiff.runtime`: no torch,
+    about a second to start) once that is built; everything else, and the first call of a model, runs the torch
+    pipeline, after which the bundle is built in the background for the next call."""
     from .images import image_grid, save_image
-    from .pipelines.text_to_image import LatentDiffusionPipeline
-    from .schedulers import scheduler_from_name
 
     generation_args(args)
     out = Path(args.out)
     check_image_out(out)
     check_generate_bounds(args)
-    extra = {}
-    if args.init_image is not None:
-        extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
-    if args.mask is not None:
-        extra["mask_image"] = Image.open(args.mask)
-    pipeline_class = (LatentDiffusionInpaintPipeline if args.mask else LatentDiffusionImg2ImgPipeline
-                      if args.init_image else LatentDiffusionPipeline)
-    pipe = pipeline_class.from_pretrained(args.model)
-    if args.scheduler:  # a sampler chosen for the model itself: its few-step weights stay unused
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-        pipe.use_few_step = False
-    few_step = pipe.few_step_for(args.steps)
     seeds = [args.seed + k for k in range(args.num_images)]
-    images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                  height=args.height, width=args.width,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds], **extra).images
+    runtime = _runtime(args)
+    if runtime is not None:
+        from PIL import Image
+
+        images = [Image.fromarray(a) for a in runtime(args.prompt, seeds, args.steps, args.guidance_scale,
+                                                      args.negative_prompt, args.height, args.width)]
+        few_step = runtime.uses_few_step(args.steps)
+        sampler = "LCMScheduler" if few_step else "DPMSolverMultistepScheduler"
+        strength = None
+    else:
+        images, sampler, few_step, strength = _generate_with_torch(args, seeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
               "guidance_scale": args.guidance_scale, "height": images[0].height, "width": images[0].width,
-              "scheduler": "LCMScheduler" if few_step else type(pipe.scheduler).__name__,
-              "scheduler_choice": args.scheduler, **({"few_step": True} if few_step else {}),
+              "scheduler": sampler, "scheduler_choice": args.scheduler, **({"few_step": True} if few_step else {}),
               "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
     if args.init_image is not None:  # where the image came from (paths as given), for --from-png
-        params.update(init_image=args.init_image, mask=args.mask,
-                      strength=args.strength if args.strength is not None else pipe.default_strength)
+        params.update(init_image=args.init_image, mask=args.mask, strength=strength)
     per_image = [{**params, "seed": s, "num_images": len(images), "index": k} for k, s in enumerate(seeds)]
     if args.pick is not None:  # --from-png of one image of a batch
         images, per_image = [images[args.pick]], [per_image[args.pick]]
@@ -181,6 +173,87 @@ def generate(args) -> list[Path]:
     return [*paths, out]
 
 
+def _generate_with_torch(args, seeds: list[int]) -> tuple[list, str, bool, float | None]:
+    """(images, the sampler's class name, whether the few-step weights sampled, img2img's strength)."""
+    quiet_libraries()
+    import torch
+
+    from PIL import Image
+
+    from .pipelines.image_to_image import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
+    from .pipelines.text_to_image import LatentDiffusionPipeline
+    from .schedulers import scheduler_from_name
+
+    extra = {}
+    if args.init_image is not None:
+        extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
+    if args.mask is not None:
+        extra["mask_image"] = Image.open(args.mask)
+    pipeline_class = (LatentDiffusionInpaintPipeline if args.mask else LatentDiffusionImg2ImgPipeline
+                      if args.init_image else LatentDiffusionPipeline)
+    pipe = pipeline_class.from_pretrained(args.model)
+    if args.scheduler:  # a sampler chosen for the model itself: its few-step weights stay unused
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+        pipe.use_few_step = False
+    few_step = pipe.few_step_for(args.steps) is not None
+    images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+                  height=args.height, width=args.width,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], **extra).images
+    if _runtime_wanted(args):
+        _build_runtime_in_background(args.model)
+    strength = None
+    if args.init_image is not None:
+        strength = args.strength if args.strength is not None else pipe.default_strength
+    return images, "LCMScheduler" if few_step else type(pipe.scheduler).__name__, few_step, strength
+
+
+def _runtime_wanted(args) -> bool:
+    """Whether this call is one the torch-free runtime makes (text to image, the model's own sampler, OpenVINO on)."""
+    import importlib.util
+    import os
+
+    return (args.init_image is None and args.mask is None and args.scheduler is None
+            and os.environ.get("LATENTDIFF_BACKEND", "openvino") == "openvino"
+            and importlib.util.find_spec("openvino") is not None)
+
+
+def _runtime(args):
+    """The model's runtime (`latentdiff.runtime`) when it is built and makes this call, else None."""
+    if not _runtime_wanted(args):
+        return None
+    from .model_folder import resolve_model_dir
+    from .runtime import bundle_dir
+    from .runtime.generate import Runtime
+
+    folder = bundle_dir(resolve_model_dir(args.model))
+    if not (folder / "bundle.json").is_file():
+        return None
+    runtime = Runtime(folder)
+    return runtime if runtime.supports(args.steps, args.height or 0, args.width or 0) else None
+
+
+def _build_runtime_in_background(model) -> None:
+    """Start building the model's runtime in a detached process (unless it is built, being built, or the model is
+    one the runtime cannot run), so that the next `generate` starts without torch."""
+    import subprocess
+
+    from .model_folder import resolve_model_dir
+    from .runtime import bundle_dir
+
+    folder = bundle_dir(resolve_model_dir(model))
+    marks = [folder / "bundle.json", folder.with_name(folder.name + ".lock"),
+             folder.with_name(folder.name + ".unsupported")]
+    if any(p.exists() for p in marks):
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".log"), "w") as log:
+        subprocess.Popen([sys.executable, "-m", "latentdiff.runtime.bundle", str(resolve_model_dir(model))],
+                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"building this model's runtime in the background ({folder}): the next `latentdiff generate` of it "
+          "starts without torch", file=sys.stderr)
+
+
 MAX_IMAGES = 64  # --num-images: the images of one command are one batch
 
 
@@ -189,7 +262,7 @@ def check_generate_bounds(args) -> None:
     import json
 
     from .model_folder import resolve_model_dir, vae_scale_factor
-    from .pipelines.text_to_image import MAX_SIZE_FACTOR
+    from .pipelines import MAX_SIZE_FACTOR
 
     if args.num_images > MAX_IMAGES:
         raise ValueError(f"--num-images must be at most {MAX_IMAGES} (one batch), got {args.num_images}")
@@ -308,7 +381,8 @@ def _run(argv: list[str]) -> None:
             print(f"wrote report.json, report.csv, sweep.png and grids to {report['out']}")
         return
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    if args.command != "generate":  # generate quiets them only if it loads them (the runtime needs none)
+        quiet_libraries()
     if args.command == "generate":
         paths = generate(args)
         print(f"wrote {paths[-1]}" + (f" and {len(paths) - 1} images beside it" if len(paths) > 1 else ""))
@@ -326,6 +400,10 @@ def _run(argv: list[str]) -> None:
     elif args.command == "export":
         out, size = export_model(args)
         print(f"wrote {out} ({size / 2**20:.1f} MiB of {args.dtype} weights)")
+    elif args.command == "compile":
+        from .runtime.bundle import build
+
+        print(f"wrote {build(args.model)}")
     elif args.command == "new-model":
         print(f"wrote an untrained model to {new_model(args)}")
 

@@ -18,14 +18,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import diffusers
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from .files import write_atomically
-from .schedulers import scheduler_class
+
+if TYPE_CHECKING:  # imported where used: resolving a model folder must not load torch (the CLI's cold start)
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import CLIPModel, CLIPTokenizer
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 SHIPPED_MODELS = {  # names that load a model shipped inside the package; "emoji" is the default
@@ -172,6 +171,8 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
     """Every component of the folder (plus `clip` when `clip/` is there), loaded from safetensors, each checked
     for damaged files and non-finite weights."""
     import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     dtypes = dtype if isinstance(dtype, dict) else {"default": dtype}
     unknown = set(dtypes) - set(COMPONENT_FOLDERS) - {"default"}
@@ -224,6 +225,8 @@ def load_components(root: Path, dtype=None, variant: str | None = None) -> dict:
 
 def load_scheduler(folder: Path) -> SchedulerMixin:
     """Our DDPM/DDIM for those class names (same configs, same results as diffusers'), else diffusers' own class."""
+    from .schedulers import scheduler_class
+
     try:
         config = json.loads((folder / "scheduler_config.json").read_text())
         name = config.get("_class_name", "DDIMScheduler")
@@ -258,6 +261,8 @@ def write_model_index(root: Path, scheduler: SchedulerMixin) -> None:
     """A model_index.json that diffusers' StableDiffusionPipeline loads as it is (no safety checker; the image
     encoder and feature extractor when their folders are there), written to a temporary file and renamed, so a
     reader never sees half of it."""
+    import diffusers
+
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,

@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import diffusion
+from .argparsing import SCHEDULER_NAMES  # defined there: the CLI reads them without torch
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -233,7 +234,6 @@ class DDIMScheduler(_GaussianScheduler):
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++")
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:

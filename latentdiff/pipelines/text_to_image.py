@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from . import attention
+from . import MAX_SIZE_FACTOR, attention
 from .. import model_folder
 from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
 from ..model_folder import save_clip_folder, vae_scale_factor
@@ -31,7 +31,6 @@ from .tracing import TracedCall, default_backend
 
 logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-MAX_SIZE_FACTOR = 8  # height and width up to 8× the model's native size: beyond, memory, not quality, is the limit
 
 
 class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDiffusionLoraLoaderMixin, IPAdapterMixin):

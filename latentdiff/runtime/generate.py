@@ -1,0 +1,108 @@
+"""Text to image from a runtime bundle, without torch: tokenise (`tokenizers`), encode, sample with classifier-free
+guidance (or the few-step student's embedded guidance), decode, as `LatentDiffusionPipeline.__call__` does for the
+same arguments (its noise, step for step, from `noise.TorchGenerator`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .noise import TorchGenerator
+from .samplers import LCM, DPMSolverPP, guidance_embedding
+
+_CORE: list = []
+_LOCK = threading.Lock()
+
+
+def _core(cache: Path):
+    """One OpenVINO Core per process (see pipelines/openvino.py), caching compiled networks under the bundle."""
+    import openvino as ov
+
+    with _LOCK:
+        if not _CORE:
+            core = ov.Core()
+            core.set_property({"CACHE_DIR": str(cache)})
+            _CORE.append(core)
+        return _CORE[0]
+
+
+class Runtime:
+    """A bundle, its networks compiled on first use for each input shape."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / "bundle.json").read_text())
+        self._compiled: dict = {}
+
+    def supports(self, steps: int, height: int, width: int) -> bool:
+        factor = self.config["vae_scale_factor"]
+        return (1 <= steps <= len(self.config["dpm"]["schedules"]) and height % factor == 0 and width % factor == 0)
+
+    def uses_few_step(self, steps: int) -> bool:
+        return "lcm" in self.config and steps <= self.config["lcm"]["max_steps"]
+
+    def _network(self, name: str, shapes: list[list[int]]):
+        key = (name, tuple(map(tuple, shapes)))
+        if key not in self._compiled:
+            core = _core(self.folder / "compiled")
+            model = core.read_model(self.folder / f"{name}.xml")
+            model.reshape({i: shape for i, shape in enumerate(shapes)})
+            self._compiled[key] = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                    "PERFORMANCE_HINT": "LATENCY"})
+        return self._compiled[key]
+
+    def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+        compiled = self._network(name, [list(a.shape) for a in arrays])
+        return compiled(list(arrays))[0]
+
+    def tokenize(self, prompts: list[str]) -> np.ndarray:
+        """The pipeline's `tokenize`: ids padded to the context, or cut to its first L − 1 tokens plus end-of-text."""
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        length, eos, pad = self.config["context"], self.config["eos"], self.config["pad"]
+        rows = [e.ids for e in tokenizer.encode_batch(prompts)]
+        rows = [ids[: length - 1] + [eos] if len(ids) > length else ids + [pad] * (length - len(ids)) for ids in rows]
+        return np.asarray(rows, dtype=np.int64)
+
+    def __call__(self, prompt: str, seeds: list[int], steps: int, guidance_scale: float,
+                 negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None) -> np.ndarray:
+        """Images (n, H, W, 3) uint8 for one prompt, one per seed."""
+        c = self.config
+        factor, (h0, w0) = c["vae_scale_factor"], c["sample_size"]
+        height, width = height or h0 * factor, width or w0 * factor
+        n, few_step = len(seeds), self.uses_few_step(steps)
+        uncond, cond = (False, True) if few_step else (guidance_scale != 1, guidance_scale != 0)
+        texts = ([negative_prompt or ""] if uncond else []) + ([prompt] if cond else [])
+        states = self._run("text_encoder", self.tokenize(texts))
+        embeds = np.concatenate([np.repeat(states[k:k + 1], n, axis=0) for k in range(len(texts))])
+        generators = [TorchGenerator(s) for s in seeds]
+        shape = (1, c["latent_channels"], height // factor, width // factor)
+        latents = np.concatenate([g.randn(shape) for g in generators])
+        if few_step:
+            lc = c["lcm"]
+            sampler = LCM(lc["timesteps"][str(steps)], lc["alphas_cumprod"], lc["final_alpha_cumprod"],
+                          lc["timestep_scaling"])
+            extra = (guidance_embedding(guidance_scale - 1.0, n, lc["dim"]),)
+        else:
+            schedule = c["dpm"]["schedules"][str(steps)]
+            sampler = DPMSolverPP(schedule["timesteps"], schedule["sigmas"], c["dpm"]["config"])
+            latents = latents * np.float32(c["dpm"]["init_noise_sigma"])
+            extra = ()
+        for t in sampler.timesteps:
+            model_input = np.concatenate([latents] * (int(uncond) + int(cond)))
+            output = self._run("student" if few_step else "unet", model_input, np.asarray(t, dtype=np.int64),
+                               embeds, *extra).astype(np.float32)
+            if uncond and cond:
+                u, k = output[:n], output[n:]
+                output = u + np.float32(guidance_scale) * (k - u)
+            latents = sampler.step(output, latents, generators) if few_step else sampler.step(output, latents)
+            if not np.isfinite(latents).all():
+                raise FloatingPointError(f"the latents became NaN or infinite (guidance_scale {guidance_scale})")
+        decoded = self._run("decoder", (latents / np.float32(c["scaling_factor"])).astype(np.float32))
+        images = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        return (images * 255).round().astype(np.uint8)
