@@ -40,8 +40,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     diffusers' `StableDiffusionPipeline` in both directions; `clip` is the full CLIP the text encoder came from,
     kept for evaluation (CLIP score) and saved as `clip/`. LoRA weights load with `pipe.load_lora_weights(dir)`.
 
-    Speed: on the CPU, from the second call with the same shapes on, the U-Net and the VAE decoder run as compiled
-    graphs (`latentdiff.pipelines.tracing`), without Python's per-module overhead: OpenVINO's where it is installed
+    Speed: on the CPU, from the second call with the same shapes on, the text encoder, the U-Net and the VAE
+    decoder run as compiled graphs (`latentdiff.pipelines.tracing`), without Python's per-module overhead:
+    OpenVINO's where it is installed
     (`pipe.compile_backend == "openvino"`, the default; `latentdiff.pipelines.openvino`), whose images are within
     one level of 255 of eager ones, else `torch.jit.trace` graphs (`pipe.compile_backend = "torch"`, or
     $LATENTDIFF_BACKEND=torch), which run the same ops on the same weights and give the same images bit for bit.
@@ -95,6 +96,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         self._traced_unet = TracedCall(_unet_forward)
         self._traced_guided_unet = TracedCall(_guided_unet_forward)  # guidance distilled in (LCM)
         self._traced_decoder = TracedCall(_vae_decode)
+        self._traced_text_encoder = TracedCall(_text_encode)
 
     def clear_compiled(self) -> None:
         """Drop every traced and compiled graph (after weights were changed through `.data`, which no version
@@ -102,6 +104,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         self._traced_unet.clear()
         self._traced_guided_unet.clear()
         self._traced_decoder.clear()
+        self._traced_text_encoder.clear()
         if self.few_step is not None:
             self.few_step.clear()
 
@@ -283,7 +286,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def _text_states(self, prompts: list[str], device, clip_skip: int | None = None) -> torch.Tensor:
         ids = self.tokenize(prompts).to(device)
         if clip_skip is None:
-            return self.text_encoder(ids)[0]
+            return self._traced_text_encoder.bind(self.text_encoder, trace=self.use_tracing,
+                                                  backend=self.compile_backend)(ids)
         hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
         encoder = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 5 has no text_model
         return encoder.final_layer_norm(hidden)
@@ -625,6 +629,10 @@ def _unet_forward(unet, sample, timestep, hidden_states):
 def _guided_unet_forward(unet, sample, timestep, hidden_states, timestep_cond):
     return unet(sample, timestep, encoder_hidden_states=hidden_states, timestep_cond=timestep_cond,
                 return_dict=False)[0]
+
+
+def _text_encode(text_encoder, ids):
+    return text_encoder(ids)[0]
 
 
 def _vae_decode(vae, latents):

@@ -34,10 +34,6 @@ LOCK_STALE_SECONDS = 600
 MAX_BUNDLES = 8
 
 
-def _text_forward(text_encoder, ids):
-    return text_encoder(ids)[0]
-
-
 def build(model_dir: str | Path) -> Path:
     """The bundle of the model folder (built unless it is there); returns its folder."""
     from ..model_folder import resolve_model_dir
@@ -79,7 +75,8 @@ def _write(root: Path, out: Path) -> None:
     import openvino as ov
     from diffusers import DPMSolverMultistepScheduler
 
-    from ..pipelines.text_to_image import LatentDiffusionPipeline, _guided_unet_forward, _unet_forward, _vae_decode
+    from ..pipelines.text_to_image import (LatentDiffusionPipeline, _guided_unet_forward, _text_encode, _unet_forward,
+                                           _vae_decode)
 
     pipe = LatentDiffusionPipeline.from_pretrained(root, torch_dtype=torch.float32)
     if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
@@ -92,7 +89,7 @@ def _write(root: Path, out: Path) -> None:
     x, t = torch.zeros(2, channels, h, w), torch.tensor(999)
     text = torch.zeros(2, length, width)
     free = [-1, channels, -1, -1]
-    _convert(ov, text_encoder, _text_forward, (ids,), [[-1, length]], out / "text_encoder.xml")
+    _convert(ov, text_encoder, _text_encode, (ids,), [[-1, length]], out / "text_encoder.xml")
     _convert(ov, unet, _unet_forward, (x, t, text), [free, [], [-1, length, width]], out / "unet.xml")
     _convert(ov, vae, _vae_decode, (x[:1],), [free], out / "decoder.xml")
     few_step = pipe.few_step
