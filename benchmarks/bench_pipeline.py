@@ -4,9 +4,10 @@
 
 For each model and batch size: images/s of both pipelines (fp32, same scheduler, steps, seed, 64x64, guidance
 7.5; runs interleaved so all see the same machine), their ratio, the largest pixel difference between their images,
-diffusers' pipeline with its U-Net and VAE decoder compiled by OpenVINO (what optimum-intel does; static shapes,
+diffusers' pipeline with its text encoder, U-Net and VAE decoder compiled by OpenVINO (what optimum-intel does; static shapes,
 compiled before timing, at f32 and at bf16 precision) as the fastest CPU peer, ours with torch traces instead of
 OpenVINO (`pipe.compile_backend = "torch"`),
+the torch-free runtime of `latentdiff generate` (latentdiff.runtime, OpenVINO networks and numpy samplers),
 the achieved GFLOP/s (FLOPs of one call counted with torch.utils.flop_counter) against the fp32 matmul peak measured
 in the same run, ours with tracing off (`pipe.use_tracing = False`: what the traced graphs gain), and our
 reduced-precision mode (`pipe.to(dtype=torch.bfloat16)`) against diffusers in fp32 and in bf16. Writes
@@ -55,6 +56,13 @@ def load_pipes(model_dir: Path) -> dict:
              "diffusers_openvino_bf16": peers[1]}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
+    try:  # the torch-free runtime of `latentdiff generate` (models whose sampler it runs)
+        from latentdiff.runtime.bundle import build
+        from latentdiff.runtime.generate import Runtime
+
+        pipes["runtime"] = Runtime(build(model_dir))
+    except ValueError as error:
+        print(f"no runtime row for {model_dir}: {error}")
     return pipes
 
 
@@ -77,10 +85,14 @@ class _OpenVINOPeer:
 
 
 def _run_in_openvino(pipe) -> None:
-    """diffusers' pipeline with its U-Net and VAE decoder replaced by OpenVINO networks (the rest stays diffusers')."""
-    from latentdiff.pipelines.text_to_image import _unet_forward, _vae_decode
+    """diffusers' pipeline with its text encoder, U-Net and VAE decoder replaced by OpenVINO networks, as
+    optimum-intel's pipelines have them (the rest stays diffusers')."""
+    from latentdiff.pipelines.text_to_image import _text_encode, _unet_forward, _vae_decode
 
     unet, decoder = _OpenVINOPeer(pipe.unet, _unet_forward), _OpenVINOPeer(pipe.vae, _vae_decode)
+    text_encoder = _OpenVINOPeer(pipe.text_encoder, _text_encode)
+    pipe.text_encoder.forward = lambda input_ids, attention_mask=None, output_hidden_states=None, **kw: (
+        text_encoder(input_ids),)
     pipe.unet.forward = lambda sample, timestep, encoder_hidden_states=None, return_dict=True, **kw: (
         unet(sample, torch.as_tensor(timestep), encoder_hidden_states),)
     pipe.vae.decode = lambda z, return_dict=True, generator=None: (decoder(z),)
@@ -112,6 +124,8 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
 
 def run(pipe, batch: int, steps: int, seed: int = 0) -> np.ndarray:
     prompts = ["a tiger", "a red apple", "a car", "a smiling face"] * ((batch + 3) // 4)
+    if not hasattr(pipe, "set_progress_bar_config"):  # the runtime: uint8 images
+        return pipe(prompts[:batch], list(range(seed, seed + batch)), steps, 7.5).astype(np.float32) / 255
     generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
     return pipe(prompts[:batch], num_inference_steps=steps, guidance_scale=7.5, generator=generator,
                 output_type="np").images
@@ -141,6 +155,7 @@ def measure(name: str, pipes: dict, batch: int, args, peak: dict) -> dict:
             started = time.perf_counter()
             call()
             timings[key].append(time.perf_counter() - started)
+    profiled = {k: c for k, c in calls.items() if k != "runtime"}
     flops = count_flops(calls["ours_eager"])  # the counter sees eager ops; the traced graph runs the same ones
     stats = {k: summary(v) for k, v in timings.items()}
 
@@ -161,14 +176,20 @@ def measure(name: str, pipes: dict, batch: int, args, peak: dict) -> dict:
            "torch_backend_speedup": ratio("diffusers", "ours_torch"),
            "openvino_peer_max_abs_pixel_diff": float(np.abs(images["diffusers_openvino"] - images["ours_eager"]).max()),
            "ours_vs_eager_max_abs_pixel_diff": float(np.abs(images["ours"] - images["ours_eager"]).max())}
+    if "runtime" in pipes:
+        row["runtime_vs_openvino"] = ratio("diffusers_openvino", "runtime")
+        row["runtime_vs_eager_max_abs_pixel_diff"] = float(np.abs(
+            images["runtime"] - (images["ours_eager"] * 255).round() / 255).max())
     if args.profile:
-        profile_ops(name, batch, calls, Path(args.out) / "pipeline-profile.txt")
+        profile_ops(name, batch, profiled, Path(args.out) / "pipeline-profile.txt")
     row["ours_gflops"] = flops / stats["ours"]["median_s"] / 1e9
     row["ours_fraction_of_fp32_peak"] = row["ours_gflops"] / peak["fp32"]
     print(f"{name} batch {batch}: ours {row['ours_images_per_s']:.2f} img/s, diffusers {row['diffusers_images_per_s']:.2f} "
           f"img/s ({row['speedup']['median']:.2f}x), diffusers+OpenVINO {row['vs_openvino']['median']:.2f}x, "
           f"bf16 {row['bf16_speedup']['median']:.2f}x, bf16 vs diffusers+OpenVINO bf16 "
-          f"{row['bf16_vs_openvino_bf16']['median']:.2f}x", flush=True)
+          f"{row['bf16_vs_openvino_bf16']['median']:.2f}x"
+          + (f", runtime {row['runtime_vs_openvino']['median']:.2f}x diffusers+OpenVINO" if "runtime" in pipes else ""),
+          flush=True)
     return row
 
 
@@ -194,8 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"machine": machine(), "matmul_peak_gflops": peak, "rows": rows, "command": " ".join(sys.argv)}
     table = ["| model | batch | ours img/s | diffusers img/s | ratio (spread) | eager ratio | torch-trace ratio | "
              "max pixel diff vs eager | diffusers+OpenVINO img/s | ours vs it (spread) | GFLOP/s | of fp32 peak | "
-             "ours bf16 img/s | vs diffusers fp32 (spread) | vs diffusers bf16 | vs diffusers+OpenVINO bf16 (spread) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ours bf16 img/s | vs diffusers fp32 (spread) | vs diffusers bf16 | vs diffusers+OpenVINO bf16 (spread) | "
+             "runtime img/s | vs diffusers+OpenVINO (spread) | runtime max pixel diff vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = lambda key: f"{r[key]['median']:.2f}x ({r[key]['min']:.2f}–{r[key]['max']:.2f})"  # noqa: E731
         table.append(f"| {r['model']} | {r['batch']} | {r['ours_images_per_s']:.2f} | {r['diffusers_images_per_s']:.2f} "
@@ -204,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['diffusers_openvino_images_per_s']:.2f} | {spread('vs_openvino')} | {r['ours_gflops']:.0f} | "
                      f"{100 * r['ours_fraction_of_fp32_peak']:.0f} % | {r['ours_bf16_images_per_s']:.2f} | "
                      f"{spread('bf16_speedup')} | {r['bf16_vs_diffusers_bf16']['median']:.2f}x | "
-                     f"{spread('bf16_vs_openvino_bf16')} |")
+                     f"{spread('bf16_vs_openvino_bf16')} | "
+                     + (f"{r['runtime_images_per_s']:.2f} | {spread('runtime_vs_openvino')} | "
+                        f"{r['runtime_vs_eager_max_abs_pixel_diff'] * 255:.0f}/255 |" if "runtime_vs_openvino" in r
+                        else "– | – | – |"))
     table.append(f"\nfp32 matmul peak {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; {machine()}")
     write_report(Path(args.out), "pipeline", report, "\n".join(table))
     return report

@@ -61,7 +61,7 @@ class OpenVINOGraph:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        request.infer([_as_numpy(t) for t in tensors])
+        request.infer([_as_numpy(t) for t in tensors], share_inputs=True)  # read in place, not copied
         return torch.from_numpy(request.get_output_tensor(0).data.copy()).to(self.dtype)
 
 

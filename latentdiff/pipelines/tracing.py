@@ -35,6 +35,7 @@ from .recording import Forward, setting
 
 # what every nn.Module holds (parameters, buffers, submodules, hooks): covered apart or checked by traceable()
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
+_PLAIN = frozenset({bool, int, float, str, type(None)})  # settings that stand for themselves (the common case)
 MAX_GRAPHS = 8  # per module: one per (batch, size, dtype) in use; the oldest is dropped beyond this
 BACKENDS = ("openvino", "torch")
 logger = logging.getLogger(__name__)
@@ -160,12 +161,13 @@ def traceable(module: torch.nn.Module, modules: list[torch.nn.Module] | None = N
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
-    for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook"):
+    for m in modules:  # attributes looked up in __dict__ / _modules: a missing one through getattr raises inside
+        attributes = m.__dict__  # nn.Module.__getattr__, which made this check a third of a bind
+        if m._forward_hooks or m._forward_pre_hooks or "_hf_hook" in attributes or "_diffusers_hook" in attributes:
             return False
-        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:  # torch.compile'd
+        if "_orig_mod" in m._modules or attributes.get("_compiled_call_impl") is not None:  # torch.compile'd
             return False
-        if type(m).__module__.startswith("peft.") or getattr(m, "peft_config", None):  # LoRA layers and models
+        if type(m).__module__.startswith("peft.") or attributes.get("peft_config"):  # LoRA layers and models
             return False
     return True
 
@@ -180,7 +182,8 @@ def structure_key(module: torch.nn.Module, modules: list[torch.nn.Module] | None
     for m in modules:
         processor = getattr(m, "processor", None)
         for obj in (m, processor) if processor is not None else (m,):
-            settings = tuple((k, setting(v)) for k, v in vars(obj).items() if k not in _MODULE_INTERNALS)
+            settings = tuple((k, v if type(v) in _PLAIN else setting(v)) for k, v in vars(obj).items()
+                             if k not in _MODULE_INTERNALS)
             parts.append((type(obj), id(obj), settings))
     return tuple(parts), tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in _tensors(modules))
 

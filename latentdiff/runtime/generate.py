@@ -68,18 +68,22 @@ class Runtime:
         rows = [ids[: length - 1] + [eos] if len(ids) > length else ids + [pad] * (length - len(ids)) for ids in rows]
         return np.asarray(rows, dtype=np.int64)
 
-    def __call__(self, prompt: str, seeds: list[int], steps: int, guidance_scale: float,
+    def __call__(self, prompt: str | list[str], seeds: list[int], steps: int, guidance_scale: float,
                  negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None) -> np.ndarray:
-        """Images (n, H, W, 3) uint8 for one prompt, one per seed."""
+        """Images (n, H, W, 3) uint8, one per seed: of one prompt, or of a list of n prompts (one per image)."""
         c = self.config
         factor, (h0, w0) = c["vae_scale_factor"], c["sample_size"]
         height, width = height or h0 * factor, width or w0 * factor
         n, few_step = len(seeds), self.uses_few_step(steps)
+        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n:
+            raise ValueError(f"prompt: one prompt, or one per seed ({n}), got {len(prompts)}")
         uncond, cond = (False, True) if few_step else (guidance_scale != 1, guidance_scale != 0)
-        texts = ([negative_prompt or ""] if uncond else []) + ([prompt] if cond else [])
-        states = self._run("text_encoder", self.tokenize(texts))
-        embeds = np.concatenate([np.repeat(states[k:k + 1], n, axis=0) for k in range(len(texts))])
+        texts = ([negative_prompt or ""] * n if uncond else []) + (prompts if cond else [])
+        unique = list(dict.fromkeys(texts))  # each distinct text encoded once
+        states = self._run("text_encoder", self.tokenize(unique))
+        embeds = states[[unique.index(text) for text in texts]]
         generators = [TorchGenerator(s) for s in seeds]
         shape = (1, c["latent_channels"], height // factor, width // factor)
         latents = np.concatenate([g.randn(shape) for g in generators])
