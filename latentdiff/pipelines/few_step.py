@@ -11,6 +11,8 @@ UNet2DConditionModel, built once per base U-Net, dtype and device. diffusers' ow
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +68,8 @@ class FewStep:
 
     folder: Path
     config: dict = field(init=False)
-    _built: dict = field(default_factory=dict, init=False, repr=False)
+    _built: tuple | None = field(default=None, init=False, repr=False)  # (weakref to the base, dtype, device, student)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         self.folder = Path(self.folder)
@@ -92,14 +95,15 @@ class FewStep:
 
     def unet(self, base: UNet2DConditionModel) -> UNet2DConditionModel:
         """The student for `base` as it is now (built once per base U-Net, dtype and device)."""
-        key = (id(base), base.dtype, base.device)
-        if key not in self._built:
-            self._built.clear()
-            self._built[key] = self._build(base)
-        return self._built[key]
+        with self._lock:  # threads sharing a pipeline build it once
+            built = self._built
+            if built is None or built[0]() is not base or built[1:3] != (base.dtype, base.device):
+                self._built = built = (weakref.ref(base), base.dtype, base.device, self._build(base))
+            return built[3]
 
     def clear(self) -> None:
-        self._built.clear()
+        with self._lock:
+            self._built = None
 
     def _build(self, base: UNet2DConditionModel) -> UNet2DConditionModel:
         from peft.utils import set_peft_model_state_dict

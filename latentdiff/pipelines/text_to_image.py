@@ -42,15 +42,18 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
 
     Speed: on the CPU, from the second call with the same shapes on, the text encoder, the U-Net and the VAE
     decoder run as compiled graphs (`latentdiff.pipelines.tracing`), without Python's per-module overhead:
-    OpenVINO's where it is installed
-    (`pipe.compile_backend == "openvino"`, the default; `latentdiff.pipelines.openvino`), whose images are within
-    one level of 255 of eager ones, else `torch.jit.trace` graphs (`pipe.compile_backend = "torch"`, or
+    OpenVINO's where it is installed (`pipe.compile_backend == "openvino"`, the default;
+    `latentdiff.pipelines.openvino`), whose images are within one level of 255 of eager ones, else
+    `torch.jit.trace` graphs (`pipe.compile_backend = "torch"`, or
     $LATENTDIFF_BACKEND=torch), which run the same ops on the same weights and give the same images bit for bit.
     The second call pays the compilation (seconds; under one from OpenVINO's disk cache). Set
     `pipe.use_tracing = False` for plain eager calls. Reduced precision:
     `pipe.to(dtype=torch.bfloat16)` (or `torch_dtype=` in from_pretrained) runs the networks in bf16 while the
     sampler's arithmetic (the initial noise included) stays in float32; on the CPU their attention then runs as
-    plain bf16 matmuls (`latentdiff.pipelines.attention`), which is faster there.
+    plain bf16 matmuls (`latentdiff.pipelines.attention`), which is faster there. Few steps: a model with few-step
+    weights (`few_step/`, `latentdiff.pipelines.few_step`; the shipped emoji model has them) samples calls of at
+    most 8 steps with its distilled student and LCMScheduler (`few_step_for` says when; `pipe.use_few_step = False`
+    turns it off).
 
     diffusers' call surface: prompt embeddings, custom timesteps or sigmas, step callbacks and interruption,
     `cross_attention_kwargs` (LoRA scale), `clip_skip`, FreeU, fused QKV projections, VAE slicing and tiling
@@ -367,8 +370,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             model_input = scheduler.scale_model_input(torch.cat([latents] * guidance.passes), t)
             if eager:
                 output = module(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
-                                   timestep_cond=timestep_cond, cross_attention_kwargs=state.cross_attention_kwargs,
-                                   added_cond_kwargs=state.added_cond_kwargs, return_dict=False)[0].float()
+                                timestep_cond=timestep_cond, cross_attention_kwargs=state.cross_attention_kwargs,
+                                added_cond_kwargs=state.added_cond_kwargs, return_dict=False)[0].float()
             else:
                 output = unet(model_input.to(unet_dtype), t, embeds, *extra).float()
             latents = scheduler.step(guidance(output), t, latents, **step_kwargs, return_dict=False)[0]
