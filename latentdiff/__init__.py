@@ -1,7 +1,8 @@
 """latentdiff: Stable-Diffusion-style latent text-to-image models, trained from scratch (CLIP, VAE, U-Net).
 
-Layout: `pipelines/` (text-to-image, img2img, inpainting, guidance, traced inference), `training/` (the trainer, the
-CLIP, VAE and U-Net stages, recipes), `evaluation/` (metrics, the eval job), `data/` (data sets, oracle, loader), and
+Layout: `pipelines/` (text-to-image, img2img, inpainting, guidance, few-step weights, traced and OpenVINO inference),
+`runtime/` (the torch-free runtime of `latentdiff generate`), `training/` (the trainer, the CLIP, VAE and U-Net
+stages, distillation, recipes), `evaluation/` (metrics, the eval job), `data/` (data sets, oracle, loader), and
 at the top the parts they share: `diffusion` (the math), `schedulers`, `models` (presets), `model_folder`,
 `tokenizer`, `images`, `files`, `argparsing`, `cli`.
 """

@@ -44,6 +44,23 @@ def test_a_tiger_is_the_judges_top_5_pick_among_every_emoji_name(pipe):
     assert max(ranks) <= 5, f"the judge ranks 'a tiger' {ranks} among {len(names)} names (seeds 0 and 1)"
 
 
+def test_four_steps_use_the_few_step_weights_and_still_draw_a_tiger(pipe):
+    """The shipped few-step weights (LCM-LoRA, the recipe's distill stage): 4 steps, one U-Net pass each."""
+    assert pipe.few_step is not None and pipe.few_step_for(4) is pipe.few_step and pipe.few_step_for(20) is None
+    assert "distill" in json.loads((SHIPPED_MODEL_DIR / "recipe.json").read_text())["stages"]
+    student, rows = pipe.few_step.unet(pipe.unet), []
+    hook = student.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    images = pipe(["a tiger"] * 2, guidance_scale=7.5, num_inference_steps=4,
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    hook.remove()
+    assert rows == [2] * 4
+    names = list(dict.fromkeys(captions(entry)[0] for entry in emoji_entries()))
+    judge = Judge(SHIPPED_MODEL_DIR / "clip")
+    similarity = judge.image_features(images) @ judge.text_features(names).T
+    ranks = [1 + int((row > row[names.index("a tiger")]).sum()) for row in similarity]
+    assert max(ranks) <= 5, f"the judge ranks 'a tiger' {ranks} among {len(names)} names at 4 steps"
+
+
 SHAPES_DIR = SHIPPED_MODELS["shapes"]
 
 

@@ -182,7 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentdiff.runtime.bundle", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=None, help="model folder or shipped model name (default: emoji)")
     args = parser.parse_args(argv)
-    print(build(args.model))
+    try:
+        print(build(args.model))
+    except Exception as error:  # the background build after a `generate`: recorded, so later calls do not retry it
+        from ..model_folder import resolve_model_dir
+
+        folder = bundle_dir(resolve_model_dir(args.model))
+        marker = folder.with_name(folder.name + ".unsupported")
+        if not marker.exists() and not isinstance(error, RuntimeError):  # RuntimeError: another builder is at it
+            marker.write_text(f"{type(error).__name__}: {error}\n")
+        raise
     return 0
 
 
