@@ -68,7 +68,8 @@ def load_pipes(model_dir: Path) -> dict:
 
 class _OpenVINOPeer:
     """`fn(module, *tensors)` run by OpenVINO, one network per input shape compiled at its first call (as
-    optimum-intel's pipelines do after `reshape`), through the same conversion latentdiff uses."""
+    optimum-intel's pipelines do after `reshape`), through the same conversion latentdiff uses, compiled as
+    optimum-intel compiles (one request, the latency hint), not as latentdiff's halves in parallel."""
 
     def __init__(self, module, fn):
         import copy
@@ -80,7 +81,7 @@ class _OpenVINOPeer:
 
         key = tuple((t.shape, t.dtype) for t in tensors)
         if key not in self.graphs:
-            self.graphs[key] = compile_graph(self.module, self.fn, tensors)
+            self.graphs[key] = compile_graph(self.module, self.fn, tensors, parallel_halves=False)  # optimum's hints
         return self.graphs[key](*tensors)
 
 

@@ -40,7 +40,7 @@ def test_from_the_third_call_on_the_networks_run_in_openvino_within_one_level_of
 
 def test_a_converted_network_is_read_back_from_the_disk_cache(ov_pipe, tiny_dir, tmp_path, monkeypatch):
     run(ov_pipe), run(ov_pipe)
-    assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 2  # the U-Net and the decoder
+    assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 3  # text encoder, U-Net, decoder
 
     def no_conversion(*args):
         raise AssertionError("converted again, not read from the cache")
