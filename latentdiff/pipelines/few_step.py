@@ -36,7 +36,19 @@ def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DCondi
     if unexpected or set(missing) != {GUIDANCE_KEY}:
         raise ValueError(f"the U-Net does not take a guidance embedding: missing {missing}, unexpected {unexpected}")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return student.train(unet.training).to(device=unet.device, dtype=unet.dtype)
+    return _moved(student.train(unet.training), unet)
+
+
+def _moved(module, like):
+    """`module` on `like`'s device and in its dtype; cast only when the dtype differs (diffusers warns at every cast,
+    which `latentdiff generate` would print)."""
+    from .text_to_image import _without_log_records
+
+    module = module.to(device=like.device)
+    if module.dtype == like.dtype:
+        return module
+    with _without_log_records("diffusers.models.modeling_utils", "should be kept in float32: []"):
+        return module.to(dtype=like.dtype)
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int) -> None:
@@ -119,7 +131,7 @@ class FewStep:
         student.fuse_lora()
         student.unload_lora()
         student.time_embedding.cond_proj.weight.data.copy_(guidance)
-        return student.requires_grad_(False).eval().to(device=base.device, dtype=base.dtype)
+        return _moved(student.requires_grad_(False).eval(), base)
 
     def copy_to(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write this folder into a model folder `folder` (its weights in `dtype` when given)."""
