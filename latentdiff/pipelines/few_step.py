@@ -42,7 +42,7 @@ def with_guidance_embedding(unet: UNet2DConditionModel, dim: int) -> UNet2DCondi
 def _moved(module, like):
     """`module` on `like`'s device and in its dtype; cast only when the dtype differs (diffusers warns at every cast,
     which `latentdiff generate` would print)."""
-    from .text_to_image import _without_log_records
+    from . import _without_log_records
 
     module = module.to(device=like.device)
     if module.dtype == like.dtype:

@@ -22,7 +22,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from . import MAX_SIZE_FACTOR, attention
+from . import MAX_SIZE_FACTOR, _without_log_records, attention
 from .. import model_folder
 from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
 from ..model_folder import save_clip_folder, vae_scale_factor
@@ -640,18 +640,6 @@ def _text_encode(text_encoder, ids):
 
 def _vae_decode(vae, latents):
     return vae.decode(latents, return_dict=False)[0]
-
-
-@contextlib.contextmanager
-def _without_log_records(logger_name: str, text: str):
-    """Drop one library's log records that contain `text`, for the duration of the block."""
-    drop = lambda record: text not in record.getMessage()  # noqa: E731
-    target = logging.getLogger(logger_name)
-    target.addFilter(drop)
-    try:
-        yield
-    finally:
-        target.removeFilter(drop)
 
 
 @contextlib.contextmanager
