@@ -30,9 +30,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..runtime import inference
 from .recording import Forward, setting
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ def available() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LATENTDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                       "latentdiff")
-    return Path(root) / "openvino"
+    return inference.cache_home() / "openvino"
 
 
 class OpenVINOGraph:
@@ -55,9 +53,7 @@ class OpenVINOGraph:
     thread has its own infer requests, so threads sharing a pipeline do not share buffers.
 
     With `half` set, the network was compiled for half the batch with two streams, and a call runs the two halves
-    of its batch (the inputs whose first dimension is the batch; the others go to both) as two requests in
-    parallel: on the 2-core development machine two batch-1 U-Net passes on one core each took 9.9 ms where one
-    batch-2 pass on both took 11.1 ms (bf16: 5.2 against 7.0 ms), and the guided step at batch 1 is such a pair."""
+    of its batch as two requests in parallel (`latentdiff.runtime.inference`, which says why)."""
 
     def __init__(self, compiled, dtype: torch.dtype, half: int | None = None):
         self.compiled, self.dtype, self.half = compiled, dtype, half
@@ -68,17 +64,8 @@ class OpenVINOGraph:
         if requests is None:
             requests = self._local.requests = [self.compiled.create_infer_request() for _ in range(2 if self.half
                                                                                                   else 1)]
-        arrays = [_as_numpy(t) for t in tensors]
-        if self.half is None:
-            requests[0].infer(arrays, share_inputs=True)  # read in place, not copied
-            return torch.from_numpy(requests[0].get_output_tensor(0).data.copy()).to(self.dtype)
-        h, batch = self.half, 2 * self.half
-        for k, request in enumerate(requests):
-            request.start_async([a[k * h:(k + 1) * h] if a.ndim and a.shape[0] == batch else a for a in arrays],
-                                share_inputs=True)
-        for request in requests:
-            request.wait()
-        return torch.from_numpy(np.concatenate([r.get_output_tensor(0).data for r in requests])).to(self.dtype)
+        output = inference.infer(requests, [_as_numpy(t) for t in tensors], self.half)
+        return torch.from_numpy(output).to(self.dtype)
 
 
 def compile_graph(module: torch.nn.Module, fn: Callable, tensors: tuple[torch.Tensor, ...],
@@ -90,35 +77,19 @@ def compile_graph(module: torch.nn.Module, fn: Callable, tensors: tuple[torch.Te
     import openvino as ov
 
     dtype = next(module.parameters()).dtype
-    batch = tensors[0].shape[0] if tensors[0].dim() else 0
-    half = batch // 2 if parallel_halves and batch >= 2 and batch % 2 == 0 and (os.cpu_count() or 1) >= 2 else None
+    half = inference.half_of(tensors[0].shape[0] if tensors[0].dim() else 0) if parallel_halves else None
     if half:  # compiled for half the batch, run as two parallel requests (OpenVINOGraph)
-        tensors = tuple(t[:half] if t.dim() and t.shape[0] == batch else t for t in tensors)
+        tensors = tuple(t[:half] if t.dim() and t.shape[0] == 2 * half else t for t in tensors)
     folder = cache_dir() / content_key(module, fn, tensors, ov.__version__)
-    core = _core()
+    core = inference.core()
     if (folder / "model.xml").is_file():
         model = core.read_model(folder / "model.xml")
     else:
         model = _convert(module, fn, tensors)
         _save(model, folder)
-    hints = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2} if half else {"PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION[dtype], **hints})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": PRECISION[dtype],
+                                                 **inference.compile_hints(half)})
     return OpenVINOGraph(compiled, dtype, half)
-
-
-_CORE: list = []
-_CORE_LOCK = threading.Lock()
-
-
-def _core():
-    """One OpenVINO Core per process: creating several and compiling with them crashed this test suite with a
-    segmentation fault (as ultralytics reports, PR #25864)."""
-    import openvino as ov
-
-    with _CORE_LOCK:
-        if not _CORE:
-            _CORE.append(ov.Core())
-        return _CORE[0]
 
 
 def _convert(module: torch.nn.Module, fn: Callable, tensors):

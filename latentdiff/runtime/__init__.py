@@ -17,16 +17,15 @@ else (img2img, inpainting, another --scheduler, a model without a bundle, $LATEN
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 MAX_STEPS = 100  # schedules are stored for 1 … MAX_STEPS steps
 
 
 def cache_root() -> Path:
-    root = os.environ.get("LATENTDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                       "latentdiff")
-    return Path(root) / "runtime"
+    from .inference import cache_home
+
+    return cache_home() / "runtime"
 
 
 def bundle_key(model_dir: Path) -> str:

@@ -5,30 +5,13 @@ same arguments (its noise, step for step, from `noise.TorchGenerator`)."""
 from __future__ import annotations
 
 import json
-import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
+from . import inference
 from .noise import TorchGenerator
 from .samplers import LCM, DPMSolverPP, guidance_embedding
-
-_CORE: list = []
-_LOCK = threading.Lock()
-
-
-def _core(cache: Path):
-    """One OpenVINO Core per process (see pipelines/openvino.py), caching compiled networks under the bundle."""
-    import openvino as ov
-
-    with _LOCK:
-        if not _CORE:
-            core = ov.Core()
-            core.set_property({"CACHE_DIR": str(cache)})
-            _CORE.append(core)
-        return _CORE[0]
-
 
 class Runtime:
     """A bundle, its networks compiled on first use for each input shape."""
@@ -45,34 +28,23 @@ class Runtime:
     def uses_few_step(self, steps: int) -> bool:
         return "lcm" in self.config and steps <= self.config["lcm"]["max_steps"]
 
-    def _network(self, name: str, shapes: list[list[int]], streams: int):
+    def _requests(self, name: str, shapes: list[list[int]], half: int | None) -> list:
         key = (name, tuple(map(tuple, shapes)))
         if key not in self._compiled:
-            core = _core(self.folder / "compiled")
+            core = inference.core()
             model = core.read_model(self.folder / f"{name}.xml")
             model.reshape({i: shape for i, shape in enumerate(shapes)})
-            hints = ({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1
-                     else {"PERFORMANCE_HINT": "LATENCY"})
-            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **hints})
-            self._compiled[key] = [compiled.create_infer_request() for _ in range(streams)]
+            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                         "CACHE_DIR": str(self.folder / "compiled"),
+                                                         **inference.compile_hints(half)})
+            self._compiled[key] = [compiled.create_infer_request() for _ in range(2 if half else 1)]
         return self._compiled[key]
 
     def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
-        """The network on these inputs; an even batch as two halves in parallel on a machine with two cores or
-        more (as `pipelines.openvino.OpenVINOGraph` runs it, and for the same reason)."""
-        batch = arrays[0].shape[0]
-        if batch < 2 or batch % 2 or (os.cpu_count() or 1) < 2:
-            request = self._network(name, [list(a.shape) for a in arrays], 1)[0]
-            request.infer(list(arrays), share_inputs=True)
-            return request.get_output_tensor(0).data.copy()
-        h = batch // 2
-        halves = [[a[k * h:(k + 1) * h] if a.ndim and a.shape[0] == batch else a for a in arrays] for k in (0, 1)]
-        requests = self._network(name, [list(a.shape) for a in halves[0]], 2)
-        for request, inputs in zip(requests, halves):
-            request.start_async(inputs, share_inputs=True)
-        for request in requests:
-            request.wait()
-        return np.concatenate([r.get_output_tensor(0).data for r in requests])
+        """The network on these inputs; an even batch as two halves in parallel (`inference.infer`)."""
+        half = inference.half_of(arrays[0].shape[0])
+        shapes = [list(a.shape) for a in (inference.halves(list(arrays), half)[0] if half else arrays)]
+        return inference.infer(self._requests(name, shapes, half), list(arrays), half)
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """The pipeline's `tokenize`: ids padded to the context, or cut to its first L − 1 tokens plus end-of-text."""
