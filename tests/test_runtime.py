@@ -118,3 +118,17 @@ def test_generate_runs_without_torch_once_the_runtime_is_built(dpm_dir, runtime_
     # what the runtime does not make runs in torch: another sampler
     other = _cli([*common, "--scheduler", "ddim", "--out", str(tmp_path / "ddim.png")], env)
     assert other.stdout.splitlines()[-1] == "TORCH"
+
+
+def test_one_runtime_serves_a_few_step_call_then_a_guided_one_of_the_same_batch(dpm_dir, runtime_env):
+    """The text encoder meets [1, 77] ids first alone (few steps: no unconditional text), then as one half of a
+    guided pair; each needs its own compiled requests (this order once raised an IndexError in the benchmark)."""
+    runtime = Runtime(bundle.build(dpm_dir))
+    pipe = LatentDiffusionPipeline.from_pretrained(dpm_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.use_tracing = False
+    for steps in (2, 5):
+        ours = runtime("a red circle", [3], steps, 7.5)
+        theirs = pipe("a red circle", num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                      generator=torch.Generator().manual_seed(3)).images
+        assert np.abs(ours.astype(int) - (theirs * 255).round().astype(int)).max() <= 1, steps

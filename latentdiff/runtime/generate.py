@@ -29,7 +29,7 @@ class Runtime:
         return "lcm" in self.config and steps <= self.config["lcm"]["max_steps"]
 
     def _requests(self, name: str, shapes: list[list[int]], half: int | None) -> list:
-        key = (name, tuple(map(tuple, shapes)))
+        key = (name, tuple(map(tuple, shapes)), half)  # a half's shape alone is also a whole batch's
         if key not in self._compiled:
             core = inference.core()
             model = core.read_model(self.folder / f"{name}.xml")
