@@ -38,6 +38,34 @@ def test_from_the_third_call_on_the_networks_run_in_openvino_within_one_level_of
     np.testing.assert_allclose(run(ov_pipe, guidance_scale=1.0), guided_once, atol=1 / 255)
 
 
+def test_compile_first_call_runs_every_call_of_a_shape_in_the_same_network(ov_pipe):
+    ov_pipe.compile_first_call = True  # what `latentdiff serve` sets: a request's bytes never depend on its turn
+    first = run(ov_pipe)
+    assert graph_types(ov_pipe) == {"OpenVINOGraph"}
+    np.testing.assert_array_equal(run(ov_pipe), first)
+
+
+def test_a_pipeline_from_pipe_shares_the_compiled_networks_and_few_step_weights(ov_pipe, monkeypatch):
+    from diffusers import EulerDiscreteScheduler
+
+    from latentdiff.pipelines.image_to_image import LatentDiffusionImg2ImgPipeline
+
+    run(ov_pipe), run(ov_pipe)
+    ov_pipe.few_step = object()  # stands for the model's few-step weights
+    euler = EulerDiscreteScheduler.from_config(ov_pipe.scheduler.config)
+    img2img = LatentDiffusionImg2ImgPipeline.from_pipe(ov_pipe, scheduler=euler)
+    assert img2img.scheduler is euler and type(ov_pipe.scheduler).__name__ != "EulerDiscreteScheduler"
+    assert img2img._traced_unet is ov_pipe._traced_unet and img2img.few_step is ov_pipe.few_step
+    assert img2img.compile_backend == "openvino" and img2img._traced_decoder is ov_pipe._traced_decoder
+    ov_pipe.few_step = None
+    euler_pipe = type(ov_pipe).from_pipe(ov_pipe, scheduler=euler)
+    euler_pipe.set_progress_bar_config(disable=True)
+    compiled = []
+    monkeypatch.setattr(openvino, "compile_graph", lambda module, *a, **k: compiled.append(type(module).__name__))
+    run(euler_pipe), run(euler_pipe)  # another sampler; the decoder's input is the same: ov_pipe's network
+    assert "AutoencoderKL" not in compiled and "CLIPTextModel" not in compiled
+
+
 def test_a_converted_network_is_read_back_from_the_disk_cache(ov_pipe, tiny_dir, tmp_path, monkeypatch):
     run(ov_pipe), run(ov_pipe)
     assert len(list((tmp_path / "cache" / "openvino").glob("*/model.xml"))) == 3  # text encoder, U-Net, decoder

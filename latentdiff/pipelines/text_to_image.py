@@ -94,6 +94,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                 attention.fit(model)  # diffusers' default, but bf16/fp16 attention on the CPU as plain matmuls
         self.use_tracing = True
         self.compile_backend = default_backend()
+        self.compile_first_call = False  # True: compile at a shape's first call too (servers: same bytes always)
         self.few_step: FewStep | None = None  # the model's few-step weights (from_pretrained finds few_step/)
         self.use_few_step = True
         self._traced_unet = TracedCall(_unet_forward)
@@ -110,6 +111,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         self._traced_text_encoder.clear()
         if self.few_step is not None:
             self.few_step.clear()
+
+    def _bind(self, traced: TracedCall, module: torch.nn.Module, trace: bool = True):
+        """`traced` bound to `module` under this pipeline's compile settings."""
+        return traced.bind(module, trace=self.use_tracing and trace, backend=self.compile_backend,
+                           first_call=self.compile_first_call)
 
     def to(self, *args, **kwargs) -> "LatentDiffusionPipeline":
         """DiffusionPipeline.to (device and/or dtype), then the attention that suits the new dtype and device."""
@@ -154,6 +160,23 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         if "unet" not in components:
             pipe.few_step = FewStep.find(root)
         return pipe
+
+    _SHARED_WITH_PIPE = ("use_tracing", "compile_backend", "compile_first_call", "use_few_step", "_traced_unet",
+                         "_traced_guided_unet", "_traced_decoder", "_traced_text_encoder")
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> "LatentDiffusionPipeline":
+        """diffusers' `from_pipe` (another pipeline class and/or other components on the same modules, e.g.
+        `LatentDiffusionImg2ImgPipeline.from_pipe(pipe, scheduler=…)`), which from one of ours also shares its
+        compiled graphs, settings and few-step weights (unless the U-Net is replaced), so that a server choosing a
+        sampler or img2img per request compiles nothing twice."""
+        new = super().from_pipe(pipeline, **kwargs)
+        if isinstance(pipeline, LatentDiffusionPipeline):
+            for name in cls._SHARED_WITH_PIPE:  # graphs are keyed by module structure: sharing them is safe
+                setattr(new, name, getattr(pipeline, name))
+            if "unet" not in kwargs:
+                new.few_step = pipeline.few_step
+        return new
 
     @property
     def components(self) -> dict:
@@ -289,8 +312,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def _text_states(self, prompts: list[str], device, clip_skip: int | None = None) -> torch.Tensor:
         ids = self.tokenize(prompts).to(device)
         if clip_skip is None:
-            return self._traced_text_encoder.bind(self.text_encoder, trace=self.use_tracing,
-                                                  backend=self.compile_backend)(ids)
+            return self._bind(self._traced_text_encoder, self.text_encoder)(ids)
         hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
         encoder = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 5 has no text_model
         return encoder.final_layer_norm(hidden)
@@ -361,7 +383,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                                                    module.dtype)
         eager = bool(state.cross_attention_kwargs) or state.added_cond_kwargs is not None
         traced = self._traced_unet if timestep_cond is None else self._traced_guided_unet
-        unet = traced.bind(module, trace=self.use_tracing and not eager, backend=self.compile_backend)
+        unet = self._bind(traced, module, trace=not eager)
         extra = () if timestep_cond is None else (timestep_cond,)
         unet_dtype, timesteps = module.dtype, scheduler.timesteps
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -399,7 +421,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         returns them, ready for pipe.vae.decode)."""
         if output_type == "latent":
             return latents.to(self.unet.dtype)
-        decode = self._traced_decoder.bind(self.vae, trace=self.use_tracing, backend=self.compile_backend)
+        decode = self._bind(self._traced_decoder, self.vae)
         decoded = decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).float()
         _check_finite(decoded, "the decoded images", self.guidance_scale)
         return self.image_processor.postprocess(decoded, output_type=output_type)

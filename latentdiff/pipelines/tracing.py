@@ -70,7 +70,11 @@ class TracedCall:
         self._first_seen: OrderedDict = OrderedDict()  # key → the bind that met it first
         self._lock = threading.Lock()
 
-    def bind(self, module: torch.nn.Module, trace: bool = True, backend: str = "torch") -> Callable[..., torch.Tensor]:
+    def bind(self, module: torch.nn.Module, trace: bool = True, backend: str = "torch",
+             first_call: bool = False) -> Callable[..., torch.Tensor]:
+        """The function to call per step; `first_call=True` records a key's graph at its first call instead of its
+        second (a server: every call of a shape then runs the same graph, so a request's bytes never depend on
+        whether its shape was seen before)."""
         modules = list(module.modules())  # one walk for both checks
         if not (trace and traceable(module, modules)):
             return functools.partial(self.fn, module)
@@ -86,7 +90,7 @@ class TracedCall:
             key = (structure, *((t.shape, t.dtype, t.device) for t in tensors))
             with self._lock:
                 graph = self._graphs.get(key)
-                if graph is None and self._first_seen.setdefault(key, session) is session:
+                if graph is None and not first_call and self._first_seen.setdefault(key, session) is session:
                     _trim(self._first_seen, 8 * MAX_GRAPHS)
                     graph = "eager"
                 elif graph is None:
