@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     table.append(f"\ncached / uncached = {ratio:.2f}x (FLOPs alone bound it at {bound:.2f}x: U-Net step "
                  f"{flops['unet_step'] / 1e9:.0f} GFLOP, VAE encoder + text encoder {flops['encoders'] / 1e9:.0f} GFLOP); "
                  f"{args.preset} preset, batch {args.batch_size}, precision "
-                 f"{args.precision}; matmul peak in that precision {peak:.0f} GFLOP/s; {machine()}")
+                 f"{'fp32' if args.precision == 'no' else args.precision}; matmul peak in that precision {peak:.0f} GFLOP/s; {machine()}")
     write_report(Path(args.out), f"training-{'fp32' if args.precision == 'no' else args.precision}", report, "\n".join(table))
     return report
 
