@@ -47,6 +47,22 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    if not text.lstrip("+").isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text!r}")
+    return int(text)
+
+
 def non_negative_int(text: str) -> int:
     if not text.lstrip("+").isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer ≥ 0, got {text!r}")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, argparsing
-from .argparsing import SCHEDULER_NAMES, guidance, positive_int, seed
+from .argparsing import SCHEDULER_NAMES, guidance, port, positive_float, positive_int, seed
 from .data.build import add_data_commands, make_data
 
 PROVENANCE_FILES = ("recipe.json",)
@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     compile_ = sub("compile", help="build a model's runtime for `generate` (OpenVINO networks, no torch at start-up); "
                    "the first `generate` of a model also builds it, in the background")
     compile_.add_argument("--model", default=None, help="model folder, or a shipped model's name (default: emoji)")
+
+    serve = sub("serve", help="a web page and AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, …) on "
+                "one model")
+    serve.add_argument("--model", default=None, help="model folder, or a shipped model's name (default: emoji)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                       "only; any other needs --allow-remote)")
+    serve.add_argument("--port", type=port, default=7860, help="port to listen on (default: 7860, A1111's)")
+    serve.add_argument("--allow-remote", action="store_true",
+                       help="let --host be an address other machines can reach (then use --token)")
+    serve.add_argument("--token", default=None, help="require this token (Authorization: Bearer TOKEN, or HTTP Basic "
+                       "with it as the password; default: $LATENTDIFF_TOKEN, else none)")
+    serve.add_argument("--queue-size", type=positive_int, default=16,
+                       help="requests that may wait while one generates; more are answered 429 (default: 16)")
+    serve.add_argument("--max-upload-mb", type=positive_float, default=32,
+                       help="largest request body, uploads included, in MiB; larger ones are answered 413 "
+                            "(default: 32)")
 
     new = sub("new-model", help="write an untrained model folder from a preset")
     new.add_argument("--preset", default="small", help="tiny, small, base, or a preset JSON file (default: small)")
@@ -406,6 +422,10 @@ def _run(argv: list[str]) -> None:
         print(f"wrote {build(args.model)}")
     elif args.command == "new-model":
         print(f"wrote an untrained model to {new_model(args)}")
+    elif args.command == "serve":
+        from .serve import serve
+
+        serve(args.model, args.host, args.port, args.allow_remote, args.token, args.queue_size, args.max_upload_mb)
 
 
 def quiet_libraries() -> None:

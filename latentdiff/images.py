@@ -85,7 +85,7 @@ def parameters_text(params: dict) -> str:
     fields = {"Steps": params["steps"], "Sampler": A1111_SAMPLERS.get(params["scheduler"], params["scheduler"]),
               "CFG scale": params["guidance_scale"], "Seed": params["seed"],
               "Size": f"{params['width']}x{params['height']}", "Model": params["model"],
-              **({"Denoising strength": params["strength"]} if params.get("init_image") else {}),
+              **({"Denoising strength": params["strength"]} if params.get("strength") is not None else {}),
               "Version": params["version"]}
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     return "\n".join(lines)
@@ -93,18 +93,24 @@ def parameters_text(params: dict) -> str:
 
 def save_image(image: Image.Image, path, params: dict | None = None) -> None:
     """Save `image`; a PNG also carries `params` as A1111's `parameters` chunk and as JSON (`latentdiff`)."""
-    import json
     from pathlib import Path
-
-    from PIL import PngImagePlugin
 
     if params is None or Path(path).suffix.lower() != ".png":
         image.save(path)
         return
+    image.save(path, pnginfo=png_info(params))
+
+
+def png_info(params: dict):
+    """The PNG text chunks that carry `params`: A1111's `parameters` and latentdiff's JSON."""
+    import json
+
+    from PIL import PngImagePlugin
+
     info = PngImagePlugin.PngInfo()
     info.add_itxt(PARAMETERS_KEY, parameters_text(params))
     info.add_itxt(JSON_KEY, json.dumps(params, ensure_ascii=False))
-    image.save(path, pnginfo=info)
+    return info
 
 
 def read_parameters(path) -> dict:
