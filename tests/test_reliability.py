@@ -498,7 +498,7 @@ def test_data_with_no_readable_image_at_all_stops_with_a_message(mostly_corrupt,
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def test_ci_runs_readme_test_command_which_installs_the_emoji_font():
+def test_ci_runs_readme_test_command_which_installs_the_emoji_font_and_the_browser():
     import subprocess
 
     extract = subprocess.run(["bash", "-c", "awk '/^## Test/ {found = 1} found && /^```bash/ {getline; print; exit}' "
@@ -518,7 +518,8 @@ def test_system_deps_says_what_to_do_where_it_cannot_install(tmp_path):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     result = subprocess.run(["bash", str(REPO / "tools" / "system-deps.sh")], capture_output=True, text=True,
                             env={"PATH": str(bin_dir), "EMOJI_FONT": str(tmp_path / "none.ttf")})
-    assert result.returncode == 0 and "no apt-get here; install the Noto Color Emoji font" in result.stderr
+    assert result.returncode == 0
+    assert "no apt-get here; install fonts-noto-color-emoji chromium yourself" in result.stderr
 
 
 def test_a_resume_without_rng_state_reseeds_each_process_from_the_seed_and_step(tmp_path, monkeypatch):

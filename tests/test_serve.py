@@ -199,6 +199,9 @@ def test_a_token_guards_every_route_bearer_or_basic(engine):
         assert server.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert server.get("/sdapi/v1/sd-models", auth=("anyone", "s3cret")).status_code == 200
         assert server.get("/sdapi/v1/sd-models", auth=("anyone", "s3cre")).status_code == 401
+        webuiapi = pytest.importorskip("webuiapi")  # A1111 clients pass it as the --api-auth password
+        api = webuiapi.WebUIApi(port=server.port, username="me", password="s3cret")
+        assert api.get_sd_models()[0]["model_name"] == "tiny"
     finally:
         server.stop()
 
@@ -219,9 +222,10 @@ def test_a_body_over_the_limit_is_413(engine):
 def test_listening_beyond_this_machine_needs_allow_remote(capsys):
     from latentdiff.cli import main
 
-    check_host("127.0.0.1", False, None), check_host("::1", False, None), check_host("0.0.0.0", True, "t")
+    check_host("127.0.0.1", False), check_host("::1", False), check_host("localhost", False)
+    check_host("0.0.0.0", True)
     with pytest.raises(ValueError, match="--allow-remote"):
-        check_host("0.0.0.0", False, None)
+        check_host("0.0.0.0", False)
     assert main(["serve", "--host", "0.0.0.0"]) == 2  # refused before any model loads
     assert "--allow-remote" in capsys.readouterr().err
 

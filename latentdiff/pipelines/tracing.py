@@ -99,6 +99,9 @@ class TracedCall:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # its branches are in the key
                         warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)  # see the docstring
+                        # the tracer reads every attribute of the module, deprecated properties too (transformers 5.25:
+                        # `is_gradient_checkpointing`), each of which warns
+                        warnings.filterwarnings("ignore", ".*deprecated", FutureWarning)
                         graph = torch.jit.trace(Forward(module, self.fn), tensors, check_trace=False)
                 if graph != "eager" and key not in self._graphs:
                     self._graphs[key] = graph

@@ -17,7 +17,21 @@ from .engine import Engine  # torch loads when an Engine is made, not here
 TOKEN_ENV = "LATENTDIFF_TOKEN"
 
 
+class MissingExtra(ImportError):
+    exit_code = 2  # `latentdiff serve` prints the message alone, as for bad input
+
+
+def _require_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(f"latentdiff serve needs {' and '.join(missing)}: pip install 'latentdiff[serve]' "
+                           "(or pip install fastapi uvicorn)")
+
+
 def create_app(engine, queue_size: int = 16, token: str | None = None, max_body_bytes: int = 32 * 2**20):
+    _require_extra()
     from .api import create_app as _create_app
 
     return _create_app(engine, queue_size, token, max_body_bytes)
@@ -32,8 +46,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_host(host: str, allow_remote: bool, token: str | None) -> None:
-    """Refuse to listen beyond this machine unless asked to, and say what a token is for."""
+def check_host(host: str, allow_remote: bool) -> None:
+    """Refuse to listen beyond this machine unless asked to."""
     if not is_loopback(host) and not allow_remote:
         raise ValueError(f"--host {host} would let other machines reach the server; pass --allow-remote as well "
                          f"(and --token, or set {TOKEN_ENV}, so that only people with the token can use it)")
@@ -42,10 +56,11 @@ def check_host(host: str, allow_remote: bool, token: str | None) -> None:
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, allow_remote: bool = False,
           token: str | None = None, queue_size: int = 16, max_upload_mb: float = 32) -> None:
     """Load the model, compile it for its native size, and serve until interrupted."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    check_host(host, allow_remote)
+    _require_extra()
     import uvicorn
 
-    token = token or os.environ.get(TOKEN_ENV) or None
-    check_host(host, allow_remote, token)
     engine = Engine(model)
     print(f"latentdiff serve: loaded {engine.title}; warming up at {engine.native_width}×{engine.native_height}")
     engine.warm_up()

@@ -47,11 +47,9 @@ class Engine:
     """The model and its pipelines: `check` turns a request into a Job or raises RequestError; `run` makes it."""
 
     def __init__(self, model: str | None = None):
-        from ..cli import quiet_libraries
         from ..model_folder import resolve_model_dir
         from ..pipelines.text_to_image import LatentDiffusionPipeline
 
-        quiet_libraries()
         self.model_dir = resolve_model_dir(model)
         self.model_name = model_name(model, self.model_dir)
         self.hash = weights_hash(self.model_dir)
