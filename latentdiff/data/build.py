@@ -1,4 +1,4 @@
-"""`latentdiff data shapes|emoji`: the built-in data sets' flags, their checks, and the writing of the set (the CLI
+"""`latentdiff data shapes|emoji|shard`: the built-in data sets' flags, their checks, and the writing of the set (the CLI
 and recipes' data stage share them)."""
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ def add_data_commands(data: argparse.ArgumentParser) -> None:
     emoji.add_argument("--overwrite", action="store_true", help="replace an existing data set at --out")
 
 
+    shard = kinds.add_parser("shard", formatter_class=argparsing.HelpFormatter,
+                             help="write any image-caption source as WebDataset tar shards (streamed by training)")
+    shard.add_argument("source", help="an imagefolder or save_to_disk folder (e.g. one `latentdiff data shapes` wrote)")
+    shard.add_argument("--out", required=True, help="folder to write the shards and index.json into")
+    shard.add_argument("--shard-size", type=positive_int, default=10000, help="samples per shard (default: 10000)")
+    shard.add_argument("--image-column", default=None, help="default: found by name (image, img, …)")
+    shard.add_argument("--caption-column", default=None, help="default: found by name (text, caption, …)")
+    shard.add_argument("--overwrite", action="store_true", help="replace the shards in a non-empty --out")
+
+
 def data_parser() -> argparse.ArgumentParser:
     """A parser of `data KIND …` argument lists alone (what a recipe's data stage passes)."""
     parser = argparsing.parser("latentdiff")
@@ -64,6 +74,13 @@ def make_data(args) -> str:
     from .imagefolder import write_imagefolder
 
     check_data_args(args)
+    if args.kind == "shard":
+        from .shards import write_shards
+
+        index = write_shards(args.source, args.out, args.shard_size, args.image_column, args.caption_column,
+                             args.overwrite)
+        return (f"wrote {index['samples']} samples as {len(index['shards'])} shards to {args.out} "
+                f"(index.json lists them)")
     if args.kind == "shapes":
         import json
 

@@ -145,25 +145,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return item_generator(self.seed, self.epoch, index)
 
     def caption(self, index: int) -> str:
-        caption = self.captions[index]
-        if isinstance(caption, str):
-            return caption
-        return caption[int(torch.randint(len(caption), (), generator=self.generator(index)))]
+        return pick_caption(self.captions[index], self.generator(index))
 
     def pixels(self, index: int) -> torch.Tensor | None:
         """The preprocessed image at `index`, or None (logged once) when it cannot be read or decoded."""
-        value = self.dataset[index][self.image_column]
         try:
-            if isinstance(value, Image.Image):
-                image = value
-            elif isinstance(value, dict):
-                image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-            else:
-                image = Image.open(value)
-            image.load()
-            generator = self.generator(index)
-            generator.manual_seed(generator.initial_seed() + 1)  # crop and flip: a stream apart from the caption's
-            return preprocess(image, self.resolution, self.random_crop, self.random_flip, generator)
+            return load_pixels(self.dataset[index][self.image_column], self.resolution, self.random_crop,
+                               self.random_flip, self.generator(index))
         except UNREADABLE as error:
             if index not in self.unreadable:
                 logger.warning("skipping unreadable image at row %d: %s", index, error)
@@ -175,6 +163,30 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if pixels is None:
             return None
         return {"pixel_values": pixels, "caption": self.caption(index), "index": index}
+
+
+def pick_caption(caption: str | list[str], generator: torch.Generator) -> str:
+    """A row's caption: itself, or one of its list drawn with the row's generator (`item_generator`)."""
+    if isinstance(caption, str):
+        return caption
+    return caption[int(torch.randint(len(caption), (), generator=generator))]
+
+
+def load_pixels(value, resolution: int, random_crop: bool, random_flip: bool,
+                generator: torch.Generator) -> torch.Tensor:
+    """An image (PIL, `datasets`' {"bytes", "path"}, raw bytes or a path) decoded and preprocessed, its crop and flip
+    drawn from a stream of the row's generator apart from its caption's; one of UNREADABLE if it cannot be read."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    else:
+        image = Image.open(value)
+    image.load()
+    generator = torch.Generator().manual_seed(generator.initial_seed() + 1)
+    return preprocess(image, resolution, random_crop, random_flip, generator)
 
 
 def readable_batches(dataset: ImageCaptionDataset, batch_size: int = 32):

@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": args.weight_decay},
                                    {"params": kept, "weight_decay": 0.0}], lr=args.learning_rate)
     loader = trainer.make_loader(train_set, args)
-    clip, optimizer, loader, lr_scheduler = accelerator.prepare(clip, optimizer, loader,
-                                                                trainer.make_lr_scheduler(optimizer, args))
+    clip, optimizer, lr_scheduler, loader = trainer.prepare(
+        accelerator, clip, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
     loss_fn = contrastive_loss(accelerator)
     raw = accelerator.unwrap_model(clip)
     from ..data.loader import item_generator

@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ema.to(device)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader,
-                                                                   trainer.make_lr_scheduler(optimizer, args))
+    student, optimizer, lr_scheduler, loader = trainer.prepare(
+        accelerator, student, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
 
     def step(batch):
         ema.copy_to(target.parameters())

@@ -121,10 +121,31 @@ def start(args, project: str) -> tuple[Accelerator, Path]:
 
 
 def split_dataset(args, resolution: int):
-    """(train, holdout) ImageCaptionDatasets: the last --holdout rows are held out (a fixed, seed-independent split)."""
+    """(train, holdout): the last --holdout rows (at most a fifth) are held out, a fixed, seed-independent split.
+    From an imagefolder or save_to_disk folder both are ImageCaptionDatasets; from shards (`latentdiff data
+    shard`, img2dataset, a brace pattern) train is a ShardStream read by this process alone, and the held-out
+    tail is read into memory as an ImageCaptionDataset."""
+    from ..data import shards
+
+    kw = dict(resolution=resolution, image_column=args.image_column, caption_column=args.caption_column)
+    if shards.is_shards(args.data):
+        import datasets
+        from accelerate import PartialState
+
+        found = shards.list_shards(args.data)
+        total = sum(s.samples for s in found)
+        holdout = min(args.holdout, total // 5)
+        state = PartialState()
+        train = shards.ShardStream(found, resolution, args.batch_size, seed=args.seed, random_crop=args.random_crop,
+                                   random_flip=args.random_flip, end=total - holdout, rank=state.process_index,
+                                   world=state.num_processes, workers=args.num_workers)
+        held = None
+        if holdout:
+            rows = datasets.Dataset.from_dict(shards.read_samples(found, total - holdout, total))
+            held = ImageCaptionDataset(rows.cast_column("image", datasets.Image(decode=False)), resolution)
+        return train, held
     dataset = open_dataset(args.data)
     holdout = min(args.holdout, len(dataset) // 5)
-    kw = dict(resolution=resolution, image_column=args.image_column, caption_column=args.caption_column)
     train = ImageCaptionDataset(dataset.select(range(len(dataset) - holdout)), random_crop=args.random_crop,
                                 random_flip=args.random_flip, seed=args.seed, **kw)
     held = ImageCaptionDataset(dataset.select(range(len(dataset) - holdout, len(dataset))), **kw) if holdout else None
@@ -133,10 +154,29 @@ def split_dataset(args, resolution: int):
 
 def make_loader(dataset, args, shuffle: bool = True, batch_size: int | None = None, collate_fn=collate):
     """A DataLoader with its own generator: creating an iterator (each epoch, and once more on resume) then draws
-    no number from the global RNG, so a resumed run sees exactly the noise an uninterrupted one would."""
+    no number from the global RNG, so a resumed run sees exactly the noise an uninterrupted one would. A ShardStream
+    batches itself: its loader takes its batches as they come."""
+    from ..data.shards import ShardStream
+
+    if isinstance(dataset, ShardStream):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.num_workers,
+                                           generator=torch.Generator().manual_seed(args.seed))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size or args.batch_size, shuffle=shuffle,
                                        collate_fn=collate_fn, num_workers=args.num_workers, drop_last=shuffle,
                                        generator=torch.Generator().manual_seed(args.seed))
+
+
+def prepare(accelerator: Accelerator, *objects, loader):
+    """`accelerator.prepare(*objects, loader)`, except that a loader over a ShardStream, which reads only this
+    process's shards already, is not sharded again: its batches are only moved to the device. Returns the
+    prepared objects, then the loader."""
+    from ..data.shards import DeviceLoader, ShardStream
+
+    if isinstance(loader.dataset, ShardStream):
+        prepared = accelerator.prepare(*objects)
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        return (*prepared, DeviceLoader(loader, accelerator.device))
+    return accelerator.prepare(*objects, loader)
 
 
 def make_lr_scheduler(optimizer, args):
@@ -359,7 +399,12 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
         if hasattr(loader.dataset, "set_epoch"):  # caption, crop and flip draws depend on the epoch
             loader.dataset.set_epoch(progress.epoch)
         skip, readable = progress.batches_in_epoch, 0
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+        if hasattr(loader.dataset, "skip_batches"):  # a stream skips what it has served without decoding it
+            loader.dataset.skip_batches(skip)
+            batches = loader
+        else:
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
             progress.batches_in_epoch += 1
             progress.skipped_images += int(batch["skipped"])
             if not _all_true(accelerator, torch.tensor(_rows(batch) > 0)):  # no image of it (on some process) read

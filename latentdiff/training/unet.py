@@ -127,6 +127,11 @@ class CachedLatents(torch.utils.data.Dataset):
 
 def cached_latents(accelerator, args, train_set, resolution: int, vae, text_encoder, tokenizer) -> "CachedLatents":
     """The training set's latent cache (--cache-dir), built by the main process when missing."""
+    from ..data.shards import ShardStream
+
+    if isinstance(train_set, ShardStream):
+        raise ValueError(f"--cache-latents encodes a data set held in one place, and --data {args.data} is shards: "
+                         "train without --cache-latents, or on an imagefolder (latent shards are not built yet)")
     path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder, tokenizer,
                       train_set, resolution)
     if accelerator.is_main_process and not path.is_file():
@@ -287,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     if ema is not None:
         ema.to(device)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader,
-                                                                trainer.make_lr_scheduler(optimizer, args))
+    unet, optimizer, lr_scheduler, loader = trainer.prepare(
+        accelerator, unet, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
 
     def step(batch):
         if args.cache_latents:

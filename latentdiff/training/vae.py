@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
         perceptual = ClipPerceptualLoss(model_dir / "clip").to(accelerator.device)
     optimizer = torch.optim.AdamW(groups, betas=(0.5, 0.9), weight_decay=args.weight_decay)
     loader = trainer.make_loader(train_set, args)
-    *models, optimizer, loader, lr_scheduler = accelerator.prepare(*models, optimizer, loader,
-                                                                   trainer.make_lr_scheduler(optimizer, args))
+    *models, optimizer, lr_scheduler, loader = trainer.prepare(
+        accelerator, *models, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
     raw_vae = accelerator.unwrap_model(models[0]).vae
     progress = trainer.Progress()
 
