@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -183,3 +184,32 @@ def test_a_streaming_run_resumed_after_a_kill_ends_where_an_uninterrupted_one_do
     progress = json.loads((tmp_path / "split" / "checkpoints" / "checkpoint-20" / "progress.json").read_text())
     assert len(ShardStream(list_shards(shards), 32, 4, end=56, workers=2)) == 12
     assert progress["epoch"] == 1 and progress["batches_in_epoch"] == 8
+
+
+def test_the_shipped_accelerate_configs_load_as_what_they_say():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    expected = {"ddp": ("MULTI_GPU", 8, 1), "multinode-ddp": ("MULTI_GPU", 16, 2), "fsdp": ("FSDP", 8, 1),
+                "deepspeed-zero2": ("DEEPSPEED", 8, 1)}
+    for name, (kind, processes, machines) in expected.items():
+        config = ClusterConfig.from_yaml_file(str(REPO / "training" / "accelerate" / f"{name}.yaml"))
+        assert (config.distributed_type.value, config.num_processes, config.num_machines) == (kind, processes,
+                                                                                             machines), name
+    assert ClusterConfig.from_yaml_file(str(REPO / "training" / "accelerate" / "fsdp.yaml")).fsdp_config[
+        "fsdp_version"] == 2
+
+
+def test_a_stage_launched_with_the_fsdp_config_trains_from_shards_on_two_cpu_processes(shards, tmp_path):
+    """accelerate runs FSDP only on accelerators (GPUs): on a CPU the same launch forms a gloo group (MULTI_CPU),
+    the data path a multi-GPU run takes: each process streaming its own shards."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "training" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision",
+               "no", str(REPO / "training" / "train_vae.py"), "--data", str(shards), "--preset", "tiny",
+               "--output-dir", str(tmp_path), "--max-steps", "3", "--batch-size", "4", "--holdout", "8",
+               "--num-workers", "2", *QUIET]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), MULTI_CPU" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and [s["processes"] for s in summary["sittings"]] == [2]
