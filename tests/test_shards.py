@@ -150,9 +150,36 @@ def test_the_three_stages_train_from_shards(shards, tmp_path):
                                "--validation-prompts", "x"])
     assert clip["steps"] == vae["steps"] == unet["steps"] == 3
     assert "holdout_psnr" in vae and "round_trip_oracle" in vae  # the held-out tail came from the last shard
-    with pytest.raises(ValueError, match="--cache-latents"):
-        unet_training.main([*common, "--model", str(model), "--output-dir", str(tmp_path / "cached"),
-                            "--cache-latents"])
+    cached = unet_training.main([*common, "--model", str(model), "--output-dir", str(tmp_path / "cached"),
+                                 "--cache-latents", "--cache-dir", str(tmp_path / "cache")])
+    assert cached["steps"] == 3
+    built = list((tmp_path / "cache").glob("latent-shards-*"))
+    assert len(built) == 1 and json.loads((built[0] / "index.json").read_text())["samples"] == 56  # 8 held out
+
+
+def test_latent_shards_hold_what_the_single_file_cache_holds(folder, shards, tmp_path):
+    from latentdiff.training.latent_shards import LatentShardStream, build_latent_shards
+    from latentdiff.training.unet import CachedLatents, build_cache
+
+    from latentdiff.models import new_pipeline
+
+    pipe = new_pipeline("tiny", seed=0)
+    vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+    build_cache(tmp_path / "cache.safetensors", ImageCaptionDataset(open_dataset(folder), 32), vae, text_encoder,
+                tokenizer, "cpu")
+    single = CachedLatents(tmp_path / "cache.safetensors")
+    stream = ShardStream(list_shards(shards), 32, 4, end=48)
+    index = build_latent_shards(tmp_path / "latents", stream, vae, text_encoder, tokenizer, "cpu")
+    assert index["samples"] == 48 and [e["samples"] for e in index["shards"]] == [8] * 6
+    latent = LatentShardStream(list_shards(tmp_path / "latents"), 4, shuffle_buffer=1)
+    batches = read_all(latent)
+    assert len(batches) == 12
+    first = batches[0]  # shards are dealt in a seeded order: find which samples came first
+    rows = [i for i in range(48) if torch.allclose(single[i]["mean"], first["mean"][0], atol=1e-5)]
+    assert len(rows) == 1
+    row = rows[0]
+    torch.testing.assert_close(first["std"][0], single[row]["std"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(first["text"][0], single.text[single[row]["text_id"]], atol=1e-5, rtol=1e-4)
 
 
 def test_a_streaming_run_resumed_after_a_kill_ends_where_an_uninterrupted_one_does(shards, tmp_path, monkeypatch):

@@ -268,22 +268,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield from buffer
 
     def _read(self, shards: list[Shard]):
+        """(global index, sample dict) of `shards` in order, below `end`."""
         import webdataset as wds
 
         for shard in shards:
-            samples = wds.DataPipeline(wds.SimpleShardList([shard.url]),
-                                       wds.tarfile_to_samples(handler=wds.warn_and_continue))
             if shard.first >= self.end:
                 continue  # held out whole
+            samples = wds.DataPipeline(wds.SimpleShardList([shard.url]),
+                                       wds.tarfile_to_samples(handler=wds.warn_and_continue))
             for k, sample in enumerate(samples):
                 index = shard.first + k
                 if index >= self.end:
                     break  # the rest of this shard is held out
-                yield index, *_image_and_caption(sample)
+                yield index, sample
 
     def _collate(self, chunk: list) -> dict:
         pixels, captions, indices = [], [], []
-        for index, image, caption in chunk:
+        for index, sample in chunk:
+            image, caption = _image_and_caption(sample)
             generator = item_generator(self.seed, self.epoch, index)
             try:
                 if image is None:
@@ -336,7 +338,7 @@ def read_samples(shards: list[Shard], start: int, end: int) -> dict:
 def captions(shards: list[Shard], end: int) -> list:
     """Every caption (or caption list) of samples below `end`, in order (training a tokenizer on them)."""
     stream = ShardStream(shards, 1, 1, end=end)
-    return [caption for _, _, caption in stream._read(shards)]
+    return [_image_and_caption(sample)[1] for _, sample in stream._read(shards)]
 
 
 class DeviceLoader:

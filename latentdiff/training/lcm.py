@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     resolution = args.resolution or teacher.config.sample_size * vae_scale_factor(vae.config)
     train_set, _ = trainer.split_dataset(args, resolution)
+    if not hasattr(train_set, "dataset"):
+        raise ValueError(f"distillation reads an imagefolder or save_to_disk folder; --data {args.data} is shards, "
+                         "which only the three training stages stream so far")
     cached = cached_latents(accelerator, args, train_set, resolution, vae, text_encoder, tokenizer)
     text_table, scaling = cached.text.to(device), vae.config.scaling_factor
     loader = trainer.make_loader(cached, args, collate_fn=collate_cached)

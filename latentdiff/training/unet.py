@@ -59,17 +59,23 @@ def _fingerprint(*modules: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()
 
 
-def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolution: int) -> Path:
-    """Where the cache for exactly this VAE, text encoder, tokenizer, data and resolution lives."""
+def encoders_fingerprint(vae, text_encoder, tokenizer) -> str:
+    """What a cache of latents and text states depends on besides the data: the VAE's encoder side (a fine-tuned
+    decoder, train_vae --finetune-decoder, keeps the cache), the text encoder, and the tokenizer's vocabulary,
+    merges, normalisation and context (not the padding and truncation a previous call left set on it)."""
     digest = hashlib.sha256()
-    # the latents come from the encoder side only: a fine-tuned decoder (train_vae --finetune-decoder) keeps the cache
     digest.update(_fingerprint(vae, skip=("decoder.", "post_quant_conv.")).encode())
     digest.update(_fingerprint(text_encoder).encode())
-    # vocabulary, merges and normalisation; not the padding and truncation a previous call left set on it
     backend = {k: v for k, v in json.loads(tokenizer.backend_tokenizer.to_str()).items()
                if k not in ("padding", "truncation")}
     digest.update(json.dumps(backend, sort_keys=True).encode())
     digest.update(str(tokenizer.model_max_length).encode())
+    return digest.hexdigest()
+
+
+def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolution: int) -> Path:
+    """Where the cache for exactly this VAE, text encoder, tokenizer, data and resolution lives."""
+    digest = hashlib.sha256(encoders_fingerprint(vae, text_encoder, tokenizer).encode())
     digest.update(f"{dataset.dataset._fingerprint}|{dataset.image_column}|{dataset.caption_column}|{resolution}".encode())
     return cache_dir / f"latents-{digest.hexdigest()[:24]}.safetensors"
 
@@ -125,15 +131,18 @@ class CachedLatents(torch.utils.data.Dataset):
 
 
 
-def cached_latents(accelerator, args, train_set, resolution: int, vae, text_encoder, tokenizer) -> "CachedLatents":
-    """The training set's latent cache (--cache-dir), built by the main process when missing."""
+def cached_latents(accelerator, args, train_set, resolution: int, vae, text_encoder, tokenizer):
+    """The training set's latent cache (--cache-dir), built by the main process when missing: a CachedLatents, or
+    for sharded data a LatentShardStream."""
     from ..data.shards import ShardStream
 
-    if isinstance(train_set, ShardStream):
-        raise ValueError(f"--cache-latents encodes a data set held in one place, and --data {args.data} is shards: "
-                         "train without --cache-latents, or on an imagefolder (latent shards are not built yet)")
-    path = cache_path(Path(args.cache_dir or Path.home() / ".cache" / "latentdiff"), vae, text_encoder, tokenizer,
-                      train_set, resolution)
+    cache_dir = Path(args.cache_dir or Path.home() / ".cache" / "latentdiff")
+    if isinstance(train_set, ShardStream):  # sharded data: latent shards, streamed as the images would be
+        from .latent_shards import latent_stream
+
+        return latent_stream(accelerator, args, train_set, encoders_fingerprint(vae, text_encoder, tokenizer), vae,
+                             text_encoder, tokenizer, cache_dir)
+    path = cache_path(cache_dir, vae, text_encoder, tokenizer, train_set, resolution)
     if accelerator.is_main_process and not path.is_file():
         accelerator.print(f"caching latents and text states to {path}")
         build_cache(path, train_set, vae, text_encoder, tokenizer, accelerator.device)
@@ -285,7 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Data: cached latents and text states, or images and captions encoded every step.
     if args.cache_latents:
         cached = cached_latents(accelerator, args, train_set, resolution, vae, text_encoder, tokenizer)
-        text_table = cached.text.to(device)
+        if hasattr(cached, "text"):
+            text_table = cached.text.to(device)
+        else:  # latent shards carry each sample's text states; "" is the dropped caption's
+            with torch.no_grad():
+                empty_text = text_encoder(tokenize(tokenizer, [""], device))[0]
         loader = trainer.make_loader(cached, args, collate_fn=collate_cached)
     else:
         loader = trainer.make_loader(train_set, args)
@@ -299,7 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cache_latents:
             size = len(batch["mean"])
             latents_fn = lambda: sample_cached_latents(batch, scaling)  # noqa: E731
-            text_fn = lambda drop: text_table[torch.where(drop.to(device), 0, batch["text_ids"])]  # noqa: E731
+            if "text" in batch:
+                text_fn = lambda drop: torch.where(drop.to(device)[:, None, None], empty_text, batch["text"])  # noqa: E731
+            else:
+                text_fn = lambda drop: text_table[torch.where(drop.to(device), 0, batch["text_ids"])]  # noqa: E731
         else:
             size = len(batch["captions"])
 
