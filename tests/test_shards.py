@@ -226,17 +226,31 @@ def test_the_shipped_accelerate_configs_load_as_what_they_say():
         "fsdp_version"] == 2
 
 
-def test_a_stage_launched_with_the_fsdp_config_trains_from_shards_on_two_cpu_processes(shards, tmp_path):
-    """accelerate runs FSDP only on accelerators (GPUs): on a CPU the same launch forms a gloo group (MULTI_CPU),
-    the data path a multi-GPU run takes: each process streaming its own shards."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "training" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision",
-               "no", str(REPO / "training" / "train_vae.py"), "--data", str(shards), "--preset", "tiny",
-               "--output-dir", str(tmp_path), "--max-steps", "3", "--batch-size", "4", "--holdout", "8",
+@pytest.mark.parametrize("script", ["train_clip.py", "train_vae.py", "train_unet.py"])
+def test_each_stage_trains_from_shards_on_two_processes(shards, tmp_path, script):
+    """Under `accelerate launch --multi_gpu` (the U-Net on latent shards), and the VAE under the FSDP config:
+    accelerate runs FSDP only on accelerators (GPUs), so on a CPU the same launch forms a gloo group (MULTI_CPU),
+    the data path a multi-GPU run takes, each process streaming its own shards."""
+    launcher = LAUNCH_TWO
+    if script == "train_vae.py":
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(REPO / "training" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision",
+                    "no"]
+    stage = []
+    if script == "train_unet.py":
+        model = tmp_path / "parts"
+        for part in ("train_clip.py", "train_vae.py"):
+            subprocess.run([sys.executable, str(REPO / "training" / part), "--data", str(shards), "--preset", "tiny",
+                            "--model-dir", str(model), "--output-dir", str(tmp_path / part), "--max-steps", "1",
+                            "--batch-size", "4", *QUIET], check=True, capture_output=True)
+        stage = ["--model", str(model), "--validation-prompts", "x", "--cache-latents", "--cache-dir",
+                 str(tmp_path / "cache")]
+    command = [*launcher, str(REPO / "training" / script), "--data", str(shards), "--preset", "tiny", *stage,
+               "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "4", "--holdout", "8",
                "--num-workers", "2", *QUIET]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), MULTI_CPU" in result.stdout
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and [s["processes"] for s in summary["sittings"]] == [2]
