@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++")  # the short names `latentdiff.schedulers.scheduler_class` takes
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "sde", "ode", "pc")  # the short names `latentdiff.schedulers.scheduler_class` takes
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag value → torch dtype name

@@ -305,6 +305,44 @@ def classifier_free_guidance(
     return guided
 
 
+# 6. Score-based sampling of the VP-SDE (Song et al. 2021) ---------------------------------------------------------
+
+
+def vp_beta(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> torch.Tensor:
+    """β of the step from t to s < t: 1 − ᾱ_t / ᾱ_s, the noise the forward process adds over it (∫ β(τ) dτ to first
+    order), which is what the VP-SDE dx = −½ β(t) x dt + √β(t) dw integrates over the step."""
+    return 1 - alpha_bar_t / alpha_bar_s
+
+
+def reverse_sde_step(x_t: torch.Tensor, score: torch.Tensor, beta: torch.Tensor,
+                     noise: torch.Tensor | None) -> torch.Tensor:
+    """One Euler–Maruyama step of the reverse-time VP-SDE dx = [−½ β x − β ∇log p_t(x)] dt + √β dw̄, run backwards:
+    x_s = x_t + ½ β x_t + β ∇log p_t(x_t) + √β z (Song et al. 2021, eq. 6 with f = −½ β x, g = √β); no z: its mean."""
+    mean = x_t + 0.5 * beta * x_t + beta * score
+    return mean if noise is None else mean + beta.sqrt() * noise
+
+
+def probability_flow_step(x_t: torch.Tensor, score: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE dx = [−½ β x − ½ β ∇log p_t(x)] dt backwards (Song et al. 2021,
+    eq. 13): x_s = x_t + ½ β (x_t + ∇log p_t(x_t)). Deterministic; the same marginals as the SDE."""
+    return x_t + 0.5 * beta * (x_t + score)
+
+
+def langevin_step_size(score: torch.Tensor, noise: torch.Tensor, snr: float, alpha: torch.Tensor) -> torch.Tensor:
+    """Langevin corrector step ε = 2 α (r ‖z‖ / ‖∇log p‖)², r the signal-to-noise ratio (Song et al. 2021,
+    Algorithm 5; α = 1 − β_t for the VP-SDE). The norms are per sample (over all but the batch dimension) and
+    averaged over the batch, as the paper's code does: one step size for the batch, which a single sample's score
+    near a mode (‖∇log p‖ ≈ 0) cannot blow up."""
+    grad_norm = score.flatten(1).norm(dim=1).mean().clamp_min(1e-12)
+    noise_norm = noise.flatten(1).norm(dim=1).mean()
+    return 2 * alpha * (snr * noise_norm / grad_norm) ** 2
+
+
+def langevin_step(x: torch.Tensor, score: torch.Tensor, step_size: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x ← x + ε ∇log p(x) + √(2ε) z: one step of Langevin dynamics toward p (the corrector of PC sampling)."""
+    return x + step_size * score + (2 * step_size).sqrt() * noise
+
+
 def classifier_guidance(
     eps: torch.Tensor, grad_log_p_y: torch.Tensor, alpha_bar: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:

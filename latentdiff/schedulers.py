@@ -24,6 +24,7 @@ from . import diffusion
 from .argparsing import SCHEDULER_NAMES  # defined there: the CLI reads them without torch
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SDE_METHODS = ("sde", "ode", "pc")
 
 
 @dataclass
@@ -236,12 +237,115 @@ class DDIMScheduler(_GaussianScheduler):
 
 
 
+class ScoreSDEScheduler(_GaussianScheduler):
+    """Score-based sampling of the VP-SDE that a DDPM noise schedule defines (Song et al. 2021), with the network's
+    ε read as the score ∇log p_t(x) = −ε / √(1 − ᾱ_t). `method`:
+    - "sde": the reverse-time SDE by Euler–Maruyama (`diffusion.reverse_sde_step`), stochastic;
+    - "ode": the probability-flow ODE by Euler (`diffusion.probability_flow_step`), deterministic;
+    - "pc": predictor–corrector: the reverse-SDE step as predictor, then `corrector_steps` Langevin steps at the new
+      time with step sizes from the signal-to-noise ratio `snr` (Algorithm 5 of the paper). Each corrector step
+      needs its own network call, so the schedule repeats each timestep after the first (1 + corrector_steps
+      calls per step), as diffusers' Heun repeats its timesteps.
+    The last step goes to clean data without noise (the paper's final denoising). Euler steps need more steps than
+    DDIM for the same quality: DDIM is an exact integrator of the same probability-flow ODE in another variable.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        method: str = "sde",
+        snr: float = 0.16,
+        corrector_steps: int = 1,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+    ):
+        if method not in SDE_METHODS:
+            raise ValueError(f"method must be one of {SDE_METHODS}, got {method!r}")
+        if not snr > 0:
+            raise ValueError(f"snr must be > 0, got {snr!r}")
+        if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, Integral) or corrector_steps < 0:
+            raise ValueError(f"corrector_steps must be an integer ≥ 0, got {corrector_steps!r}")
+        if rescale_betas_zero_snr:
+            raise ValueError("the score −ε/√(1 − ᾱ) needs ᾱ_T < 1 − 0: rescale_betas_zero_snr is not supported here")
+        self._setup(self.config)
+        self._plan: list[tuple[str, int, int]] = []  # per call: ("P" or "C", t, the time it steps to)
+        self._index = 0
+
+    @property
+    def corrections(self) -> int:
+        return self.config.corrector_steps if self.config.method == "pc" else 0
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device)
+        times = self._timestep_list
+        plan = []
+        for k, t in enumerate(times):
+            if k > 0:  # correct at the time the predictor just reached
+                plan += [("C", t, t)] * self.corrections
+            plan.append(("P", t, times[k + 1] if k + 1 < len(times) else -1))
+        self._plan, self._index = plan, 0
+        self.timesteps = torch.tensor([t for _, t, _ in plan], dtype=torch.int64, device=device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        if not self._plan:
+            raise ValueError("ScoreSDEScheduler.step needs its schedule: call set_timesteps first")
+        if self._index >= len(self._plan):
+            raise ValueError("ScoreSDEScheduler.step was called more times than its schedule has steps; call "
+                             "set_timesteps again")
+        kind, t, s = self._plan[self._index]
+        if int(timestep) != t:
+            raise ValueError(f"ScoreSDEScheduler.step expected timestep {t} (step {self._index} of its schedule), "
+                             f"got {int(timestep)}")
+        self._index += 1
+        ab_t, ab_s = self._alpha_bars(t, s, 1.0, sample)
+        x0, eps = self._predict_x0_eps(model_output, sample, ab_t)
+        score = diffusion.score_from_eps(eps.float(), ab_t)
+        x = sample.float()
+
+        def noise():
+            return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+
+        if kind == "C":  # Langevin at time t; α = 1 − β_t of the training schedule
+            z = noise()
+            alpha = self.alphas[t].to(sample.device)
+            size = diffusion.langevin_step_size(score, z, self.config.snr, alpha)
+            prev = diffusion.langevin_step(x, score, size, z)
+        else:
+            beta = diffusion.vp_beta(ab_t, ab_s)
+            if self.config.method == "ode":
+                prev = diffusion.probability_flow_step(x, score, beta)
+            else:
+                prev = diffusion.reverse_sde_step(x, score, beta, noise() if s >= 0 else None)
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
 def scheduler_class(name: str) -> type[SchedulerMixin]:
-    """A scheduler class by short name (`ddpm`, `ddim`: ours; `dpm++`: diffusers' DPM-Solver++ multistep) or by class
-    name (ours for DDPMScheduler/DDIMScheduler, otherwise diffusers' class of that name)."""
+    """A scheduler class by short name (`ddpm`, `ddim`: ours; `dpm++`: diffusers' DPM-Solver++ multistep; `sde`,
+    `ode`, `pc`: ScoreSDEScheduler) or by class name (ours for DDPMScheduler, DDIMScheduler and ScoreSDEScheduler,
+    otherwise diffusers' class of that name)."""
     import diffusers
 
-    ours = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+    ours = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler,
+            "ScoreSDEScheduler": ScoreSDEScheduler, **{method: ScoreSDEScheduler for method in SDE_METHODS}}
     cls = ours.get(name) or getattr(diffusers, "DPMSolverMultistepScheduler" if name == "dpm++" else name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES} or a diffusers scheduler class name, got {name!r}")
@@ -250,5 +354,7 @@ def scheduler_class(name: str) -> type[SchedulerMixin]:
 
 def scheduler_from_name(name: str, config) -> SchedulerMixin:
     """A scheduler (see `scheduler_class`) configured from another scheduler's config: same training noise schedule
-    and prediction type."""
+    and prediction type (`sde`, `ode`, `pc`: ScoreSDEScheduler with that method)."""
+    if name in SDE_METHODS:
+        return ScoreSDEScheduler.from_config(config, method=name)
     return scheduler_class(name).from_config(config)
