@@ -1,0 +1,175 @@
+"""Train a noise-aware classifier p_φ(y | x_t) on a model's latents, for classifier guidance (Dhariwal & Nichol
+2021): `python training/train_classifier.py --model MODEL --data DATA --label shapes:colour --output-dir RUN`.
+
+Each step encodes a batch of images with the model's VAE (posterior mean × scaling factor: the x_0 the U-Net was
+trained on), draws t uniformly and noises them with the model's own schedule, x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, and
+minimises the cross-entropy of the label. Labels come from the data: `shapes:colour` / `shapes:shape` (a shapes
+scene whose objects all share that attribute; other scenes are left out) or `column:NAME` (any column of strings
+or integers). The classifier (`NoisyLatentClassifier`, a small convolutional net with a timestep embedding) is
+written to OUTPUT_DIR/classifier with its class names, for `diffusion.classifier_guidance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+from .. import argparsing, diffusion
+from ..model_folder import write_component
+from . import trainer
+
+
+class NoisyLatentClassifier(ModelMixin, ConfigMixin):
+    """logits = f(x_t, t): three convolution blocks over the latent grid (the last two strided), each shifted by an
+    embedding of t, average and max pooling, and a linear head. `classes` names the labels in order."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, width: int = 64, classes: tuple[str, ...] = (),
+                 num_train_timesteps: int = 1000):
+        super().__init__()
+        if len(classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {list(classes)}")
+        self.time = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.SiLU(), torch.nn.Linear(width, 3 * width))
+        self.stem = torch.nn.Conv2d(in_channels, width, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.GroupNorm(8, width), torch.nn.SiLU(),
+                                torch.nn.Conv2d(width, width, 3, stride=2 if k else 1, padding=1))
+            for k in range(3))
+        self.norm = torch.nn.Sequential(torch.nn.GroupNorm(8, width), torch.nn.SiLU())
+        self.head = torch.nn.Linear(2 * width, len(classes))  # average- and max-pooled: small objects count too
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x)).float()
+        freqs = torch.exp(-math.log(10_000) * torch.arange(32, device=x.device) / 32)
+        angles = t[:, None] * freqs[None]
+        shifts = self.time(torch.cat([angles.sin(), angles.cos()], dim=1)).chunk(3, dim=1)
+        h = self.stem(x)
+        for block, shift in zip(self.blocks, shifts):
+            h = block(h + shift[:, :, None, None])
+        h = self.norm(h)
+        return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
+
+
+def labels_of(dataset, spec: str) -> tuple[list[int], list[str]]:
+    """Per row: the label's index (−1: left out), and the class names, from `shapes:colour|shape` or `column:NAME`."""
+    kind, _, name = spec.partition(":")
+    if kind == "shapes" and name in ("colour", "shape"):
+        if "scene" not in dataset.column_names:
+            raise ValueError(f"--label {spec} needs shapes scenes (a 'scene' column); this data set has "
+                             f"{dataset.column_names}")
+        values = []
+        for scene in dataset["scene"]:
+            found = {o[name] for o in scene["objects"]}
+            values.append(found.pop() if len(found) == 1 else None)
+    elif kind == "column" and name:
+        if name not in dataset.column_names:
+            raise ValueError(f"--label column:{name}: no such column; the columns are {dataset.column_names}")
+        values = [None if v is None else str(v) for v in dataset[name]]
+    else:
+        raise ValueError(f"--label must be shapes:colour, shapes:shape or column:NAME, got {spec!r}")
+    classes = sorted({v for v in values if v is not None})
+    if len(classes) < 2:
+        raise ValueError(f"--label {spec} gives {len(classes)} class(es) in this data; a classifier needs 2 or more")
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[v] if v is not None else -1 for v in values], classes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparsing.parser(None, __doc__)
+    parser.add_argument("--model", required=True, help="model folder whose vae/ and scheduler/ the classifier serves")
+    parser.add_argument("--label", required=True, help="shapes:colour, shapes:shape or column:NAME")
+    parser.add_argument("--width", type=int, default=64, help="channels of the classifier (default: 64)")
+    trainer.add_common_args(parser, lr=1e-3, batch_size=64, max_steps=2000)
+    return parser
+
+
+@torch.no_grad()
+def accuracy_by_time(classifier, vae, schedule, holdout, labels: list[int], device, times=(0, 250, 500, 750, 999),
+                     seed: int = 0) -> dict:
+    """Held-out accuracy at fixed noise levels t (the same noise for every classifier: a fixed seed)."""
+    from ..data.loader import readable_batches
+
+    scaling = vae.config.scaling_factor
+    correct = {t: 0 for t in times}
+    total = 0
+    generator = torch.Generator().manual_seed(seed)
+    for rows, pixels in readable_batches(holdout, 64):
+        y = torch.tensor([labels[i] for i in rows])
+        keep = y >= 0
+        if not keep.any():
+            continue
+        x0 = vae.encode(pixels[keep].to(device)).latent_dist.mean * scaling
+        total += int(keep.sum())
+        for t in times:
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            alpha_bar = schedule.alphas_cumprod[t].to(device)
+            x_t = diffusion.q_sample(x0, noise, alpha_bar)
+            correct[t] += int((classifier(x_t, torch.full((len(x_t),), t, device=device)).argmax(1).cpu()
+                               == y[keep]).sum())
+    return {str(t): correct[t] / total for t in times} if total else {}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from diffusers import AutoencoderKL
+
+    from ..schedulers import DDPMScheduler
+
+    args = build_parser().parse_args(argv)
+    trainer.check_args(args)
+    if args.width < 8 or args.width % 8:
+        raise ValueError(f"--width must be a positive multiple of 8, got {args.width}")
+    accelerator = trainer.make_accelerator(args, "train_classifier")
+    model = Path(args.model)
+    vae = AutoencoderKL.from_pretrained(model / "vae").to(accelerator.device).eval().requires_grad_(False)
+    schedule = DDPMScheduler.from_config(DDPMScheduler.load_config(model / "scheduler"))
+    resolution = args.resolution or vae.config.sample_size
+    train_set, holdout = trainer.split_dataset(args, resolution)
+    if not hasattr(train_set, "dataset"):
+        raise ValueError(f"train_classifier reads an imagefolder or save_to_disk folder; --data {args.data} is shards")
+    train_labels, classes = labels_of(train_set.dataset, args.label)
+    held_labels = labels_of(holdout.dataset, args.label)[0] if holdout is not None else []
+    classifier = NoisyLatentClassifier(vae.config.latent_channels, args.width, tuple(classes),
+                                       schedule.config.num_train_timesteps)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    loader = trainer.make_loader(train_set, args)
+    classifier, optimizer, lr_scheduler, loader = trainer.prepare(
+        accelerator, classifier, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
+    table = torch.tensor(train_labels)
+    alphas_cumprod = schedule.alphas_cumprod.to(accelerator.device)
+    scaling = vae.config.scaling_factor
+
+    def step(batch):
+        y = table[batch["indices"].cpu()].to(accelerator.device)
+        with torch.no_grad():
+            x0 = vae.encode(batch["pixel_values"]).latent_dist.mean * scaling
+        t = torch.randint(0, len(alphas_cumprod), (len(x0),), device=x0.device)
+        x_t = diffusion.q_sample(x0, torch.randn(x0.shape, device=x0.device), diffusion.broadcast_to(
+            alphas_cumprod[t], x0))
+        logits = classifier(x_t, t)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, ignore_index=-1)
+        if not (y >= 0).any():
+            loss = logits.sum() * 0  # a batch without a labelled row: no signal, but every process steps together
+        return loss, {}
+
+    progress = trainer.train(accelerator, args, [classifier], optimizer, lr_scheduler, loader, step)
+    summary = {**progress.summary(), "classes": classes, "label": args.label}
+    if accelerator.is_main_process:
+        raw = accelerator.unwrap_model(classifier).eval()
+        if holdout is not None:
+            summary["holdout_accuracy"] = accuracy_by_time(raw, vae, schedule, holdout, held_labels,
+                                                           accelerator.device)
+            summary["chance"] = 1 / len(classes)
+            accelerator.print(f"held-out accuracy by t: {json.dumps(summary['holdout_accuracy'])} (chance "
+                              f"{summary['chance']:.3f})")
+        out = Path(args.output_dir) / "classifier"
+        write_component(out, lambda folder: raw.save_pretrained(folder))
+        summary["classifier"] = str(out)
+        trainer.write_summary(args.output_dir, summary)
+    accelerator.end_training()
+    return summary
