@@ -269,15 +269,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _read(self, shards: list[Shard]):
         """(global index, sample dict) of `shards` in order, below `end`."""
-        import webdataset as wds
-
         for shard in shards:
-            if shard.first >= self.end:
-                continue  # held out whole
-            samples = wds.DataPipeline(wds.SimpleShardList([shard.url]),
-                                       wds.tarfile_to_samples(handler=wds.warn_and_continue))
-            for k, sample in enumerate(samples):
-                index = shard.first + k
+            for index, sample in shard_samples(shard):
                 if index >= self.end:
                     break  # the rest of this shard is held out
                 yield index, sample
@@ -314,19 +307,24 @@ def _image_and_caption(sample: dict) -> tuple[bytes | None, str | list[str]]:
     return image, sample["txt"].decode("utf-8") if "txt" in sample else ""
 
 
+def shard_samples(shard: Shard):
+    """(global index, sample dict) of one shard, in its order (a damaged member is warned about and skipped)."""
+    import webdataset as wds
+
+    samples = wds.DataPipeline(wds.SimpleShardList([shard.url]), wds.tarfile_to_samples(handler=wds.warn_and_continue))
+    for k, sample in enumerate(samples):
+        yield shard.first + k, sample
+
+
 def read_samples(shards: list[Shard], start: int, end: int) -> dict:
     """Samples start ≤ i < end as columns: "image" ({"bytes", "path"}), "text", and their metadata's keys (a held-out
     tail, for random access)."""
-    import webdataset as wds
-
     rows = []
     for shard in shards:
         if shard.first + shard.samples <= start or shard.first >= end:
             continue
-        samples = wds.DataPipeline(wds.SimpleShardList([shard.url]),
-                                   wds.tarfile_to_samples(handler=wds.warn_and_continue))
-        for k, sample in enumerate(samples):
-            if start <= shard.first + k < end:
+        for index, sample in shard_samples(shard):
+            if start <= index < end:
                 image, caption = _image_and_caption(sample)
                 meta = json.loads(sample["json"]) if "json" in sample else {}
                 rows.append({**(meta if isinstance(meta, dict) else {}), "image": {"bytes": image, "path": None},
@@ -337,8 +335,8 @@ def read_samples(shards: list[Shard], start: int, end: int) -> dict:
 
 def captions(shards: list[Shard], end: int) -> list:
     """Every caption (or caption list) of samples below `end`, in order (training a tokenizer on them)."""
-    stream = ShardStream(shards, 1, 1, end=end)
-    return [_image_and_caption(sample)[1] for _, sample in stream._read(shards)]
+    return [_image_and_caption(sample)[1] for shard in shards if shard.first < end
+            for index, sample in shard_samples(shard) if index < end]
 
 
 class DeviceLoader:

@@ -72,7 +72,6 @@ def create_app(engine: Engine, queue_size: int = 16, token: str | None = None,
     app = FastAPI(title="latentdiff", version=engine.title, docs_url=None, redoc_url=None)  # the docs page needs a CDN
     worker = Worker(engine, queue_size)
     options = {"sd_model_checkpoint": engine.title, "return_grid": True, "samples_format": "png"}
-    app.state.worker, app.state.engine = worker, engine
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -181,9 +180,6 @@ class Guard:
 
     def __init__(self, app, token: str | None, max_body_bytes: int):
         self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
-
-    def __getattr__(self, name):  # app.state and friends, for tests and tools
-        return getattr(self.app, name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -51,12 +52,12 @@ def build_latent_shards(folder: Path, stream: ShardStream, vae, text_encoder, to
         if shard.first >= stream.end:
             continue
         name = f"{number:06d}.tar"
-        rows = list(stream._read([shard]))
+        rows = stream._read([shard])  # streamed: a shard's images are never all in memory
         count = 0
         with wds.TarWriter(str(partial / name)) as sink:
-            for start in range(0, len(rows), batch_size):
+            while chunk_rows := list(itertools.islice(rows, batch_size)):
                 chunk, pixels = [], []
-                for index, sample in rows[start:start + batch_size]:
+                for index, sample in chunk_rows:
                     image, caption = _image_and_caption(sample)
                     try:
                         if image is None:
@@ -71,11 +72,13 @@ def build_latent_shards(folder: Path, stream: ShardStream, vae, text_encoder, to
                 if not chunk:
                     continue
                 posterior = vae.encode(torch.stack(pixels).to(device)).latent_dist
+                texts = [[c] if isinstance(c, str) else list(c) for _, c in chunk]
+                states = text_encoder(tokenize(tokenizer, [t for group in texts for t in group], device))[0]
+                offsets = np.cumsum([0] + [len(group) for group in texts])
                 for k, (index, caption) in enumerate(chunk):
-                    texts = [caption] if isinstance(caption, str) else list(caption)
-                    states = text_encoder(tokenize(tokenizer, texts, device))[0]
                     sink.write({"__key__": f"{index:09d}", "mean.npy": _npy(posterior.mean[k]),
-                                "std.npy": _npy(posterior.std[k]), "text.npy": _npy(states),
+                                "std.npy": _npy(posterior.std[k]),
+                                "text.npy": _npy(states[offsets[k]:offsets[k + 1]]),
                                 "meta.json": json.dumps({"index": index,
                                                          "is_list": not isinstance(caption, str)}).encode()})
                     count += 1
