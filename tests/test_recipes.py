@@ -65,7 +65,10 @@ def test_shipped_recipes_parse(recipe, tmp_path):
     parsed = load_recipe(recipe)
     required = ["--data", "d", "--output-dir", str(tmp_path)]
     clip_training.build_parser().parse_args([*required, *parsed["clip"]["args"]])
-    vae_training.build_parser().parse_args([*required, *parsed["vae"]["args"]])
+    if "from" in parsed["vae"]:  # taken from a model folder an earlier recipe made
+        assert (Path(parsed["vae"]["from"]) / "vae").is_dir()
+    else:
+        vae_training.build_parser().parse_args([*required, *parsed["vae"]["args"]])
     unet_training.build_parser().parse_args([*required, "--model", "m", *parsed["unet"]["args"]])
     if "decoder" in parsed:
         vae_training.build_parser().parse_args([*required, "--finetune-decoder", *parsed["decoder"]["args"]])
@@ -138,3 +141,60 @@ def test_bad_recipes_are_named(tmp_path):
     bad.write_text('[data]\nkind = "shapes"\n[train]\nargs = []\n')
     with pytest.raises(ValueError, match=r"unknown sections \['train'\]"):
         load_recipe(bad)
+    bad.write_text(f'[data]\nkind = "shapes"\n[vae]\nfrom = "{tmp_path / "nowhere"}"\n')
+    with pytest.raises(ValueError, match=r"\[vae\] from .*nowhere.* has no vae/"):
+        load_recipe(bad)
+    shipped = REPO / "latentdiff" / "assets" / "shapes-model"
+    bad.write_text(f'[data]\nkind = "shapes"\n[vae]\nfrom = "{shipped}"\nargs = ["--max-steps", "3"]\n')
+    with pytest.raises(ValueError, match=r"\[vae\] takes its parts from .*: it trains nothing, so it may not have args"):
+        load_recipe(bad)
+    bad.write_text(f'[data]\nkind = "shapes"\n[clip]\nfrom = "{shipped}"\n')  # its CLIP missed its gate: no record
+    with pytest.raises(ValueError, match=r"\[clip\] from .*holds no record of a clip stage"):
+        load_recipe(bad)
+    bad.write_text(TINY.replace('"--max-steps", "4"', '"--max-steps", "4", "--time-limit", "0"'))
+    with pytest.raises(ValueError, match=r"--time-limit must be a positive number of minutes, got 0"):
+        load_recipe(bad)
+
+
+def test_a_stage_stopped_by_its_time_limit_is_not_done_and_trains_on_and_parts_can_be_taken(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """--time-limit ends a sitting with a checkpoint and a saved model; the recipe records the stage as partial, runs
+    the next stages on its model, and trains on when run again. `from` takes a finished recipe's parts and records."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    first = tmp_path / "first.toml"
+    first.write_text(TINY)
+    assert main(["run-recipe", str(first), "--out", str(tmp_path / "first"), "--stages", "data,clip,vae"]) == 0
+    source = tmp_path / "first" / "model"
+    second = tmp_path / "second.toml"
+    second.write_text(TINY.split("[clip]")[0] + f'''
+[clip]
+from = "{source}"
+[vae]
+from = "{source}"
+[unet]
+args = ["--preset", "tiny", "--max-steps", "50", "--time-limit", "0.00001", "--batch-size", "8", "--holdout", "8",
+        "--report-to", "none", "--validation-prompts", "a red circle"]
+''')
+    run = tmp_path / "second"
+    capsys.readouterr()
+    assert main(["run-recipe", str(second), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "[clip] taken from" in out and "[vae] taken from" in out
+    assert "--time-limit 1e-05 min reached at step 1 of 50" in out and "[unet] stopped at its --time-limit" in out
+    stages = run / "stages"
+    assert not (stages / "unet.json").exists() and (stages / "unet.partial.json").is_file()
+    for part in ("vae", "text_encoder"):  # the taken parts are the source's, byte for byte
+        name = "diffusion_pytorch_model.safetensors" if part == "vae" else "model.safetensors"
+        a, b = load_file(source / part / name), load_file(run / "model" / part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    provenance = json.loads((run / "model" / "recipe.json").read_text())
+    assert provenance["stages"]["vae"]["taken_from"] == str(source)
+    assert provenance["stages"]["vae"]["summary"]["steps"] == 3  # the record of the stage that made it
+    assert provenance["partial_stages"]["unet"]["summary"]["stopped_at_time_limit"] is True
+    assert LatentDiffusionPipeline.from_pretrained(run / "model").unet is not None  # the model was saved
+    assert main(["run-recipe", str(second), "--out", str(run)]) == 0  # the same command trains on
+    summary = json.loads((stages / "unet.partial.json").read_text())["summary"]
+    assert summary["steps"] == 2 and [(s["from_step"], s["to_step"]) for s in summary["sittings"]] == [(0, 1), (1, 2)]

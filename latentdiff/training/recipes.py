@@ -37,6 +37,11 @@ STAGES = ("data", "clip", "vae", "unet", "decoder", "distill", "eval")
 # may not redirect (a recipe's outputs stay inside --out). Abbreviations of them are refused too (argparse takes
 # `--output` for `--output-dir`).
 STAGE_KEYS = {"data": {"kind", "args", "path", "gates"}, **{s: {"args", "gates"} for s in STAGES if s != "data"}}
+# The parts of the model folder a training stage writes; `from = "MODEL"` takes them (and the stage's record) from
+# a model folder an earlier recipe made instead of training them again.
+STAGE_PARTS = {"clip": ("tokenizer", "text_encoder", "clip"), "vae": ("vae",), "unet": ("unet", "scheduler")}
+for _stage in STAGE_PARTS:
+    STAGE_KEYS[_stage] = STAGE_KEYS[_stage] | {"from"}
 RESERVED_FLAGS = {
     "data": ("--out", "--overwrite"),
     "clip": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
@@ -100,11 +105,51 @@ def load_recipe(path: str | Path) -> dict:
         raise ValueError(f"recipe {path}: [data] path is only for kind = \"folder\"; kind {data['kind']!r} writes "
                          "its data set into OUT/data")
     _validate_gates(path, recipe)
+    for stage in STAGE_PARTS:
+        if "from" in recipe.get(stage, {}):
+            recipe[stage] = {**recipe[stage], "from": str(_check_from(path, stage, recipe[stage]))}
     for stage in STAGES:
-        if stage in recipe:
+        if stage in recipe and "from" not in recipe[stage]:
             recipe[stage] = {**recipe[stage], "args": _resolve_paths(path.parent, recipe[stage].get("args", []))}
             _check_stage_args(path, stage, recipe)
     return recipe
+
+
+def _check_from(path: Path, stage: str, section: dict) -> Path:
+    """`from`: a model folder (relative to the recipe file) holding the stage's parts and, in its recipe.json, the
+    record of the stage that made them."""
+    source = section["from"]
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"recipe {path}: [{stage}] from must be a model folder, got {source!r}")
+    if section.get("args") or section.get("gates"):
+        raise ValueError(f"recipe {path}: [{stage}] takes its parts from {source!r}: it trains nothing, so it may "
+                         "not have args or gates")
+    folder = (path.parent / source).resolve()
+    missing = [part for part in STAGE_PARTS[stage] if part != "clip" and not (folder / part).is_dir()]
+    if missing:
+        raise ValueError(f"recipe {path}: [{stage}] from {source!r}: {folder} has no {', '.join(missing)}/")
+    try:
+        json.loads((folder / "recipe.json").read_text())["stages"][stage]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"recipe {path}: [{stage}] from {source!r}: {folder / 'recipe.json'} holds no record of a "
+                         f"{stage} stage (only parts a recipe made can be taken)") from None
+    return folder
+
+
+def _take_stage(stage: str, source: Path, out: Path) -> dict:
+    """Copy the stage's parts from `source` into OUT/model; the stage's record there, with where it came from."""
+    import shutil
+
+    for part in STAGE_PARTS[stage]:
+        if (source / part).is_dir():
+            target = out / "model" / part
+            staging = target.with_name(f".{part}.taking")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source / part, staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    record = json.loads((source / "recipe.json").read_text())["stages"][stage]
+    return {**record, "taken_from": str(source)}
 
 
 def _resolve_paths(folder: Path, args: list[str]) -> list[str]:
@@ -248,6 +293,12 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
             records[stage] = json.loads(marker.read_text())
             print(f"[{stage}] already done ({marker})")
             continue
+        if "from" in recipe.get(stage, {}):
+            record = _take_stage(stage, Path(recipe[stage]["from"]), out)
+            print(f"[{stage}] taken from {recipe[stage]['from']}")
+            write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
+            records[stage] = record
+            continue
         print(f"[{stage}] running")
         started = time.time()
         data = recipe["data"]["path"] if recipe["data"]["kind"] == "folder" else str(out / "data")
@@ -285,8 +336,14 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
                     "Raise the stage's --max-steps and run the recipe again to train on from its last checkpoint."
                     if stage != "data" and stage != "eval" else "Train the stage before it further, then rerun."))
         (done_dir / f"{stage}.failed.json").unlink(missing_ok=True)
-        write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
         records[stage] = record
+        if (summary or {}).get("stopped_at_time_limit"):  # not done: running the recipe again trains on
+            write_atomically(done_dir / f"{stage}.partial.json", json.dumps(record, indent=2, default=str) + "\n")
+            print(f"[{stage}] stopped at its --time-limit after {summary['steps']} steps: not marked done; run the "
+                  f"recipe again to train on (the later stages use its model as it is now)")
+            continue
+        (done_dir / f"{stage}.partial.json").unlink(missing_ok=True)
+        write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
     write_provenance(recipe, out)  # also when every stage was done already, or another process finished one
     return records
 
@@ -302,4 +359,7 @@ def write_provenance(recipe: dict, out: Path) -> None:
     missed = {s: stages[f"{s}.failed"] for s in STAGES if f"{s}.failed" in stages}
     if missed:  # a stage that missed its gate, and whose parts the later stages were then run on by hand
         provenance["missed_gates"] = missed
+    partial = {s: stages[f"{s}.partial"] for s in STAGES if f"{s}.partial" in stages and s not in stages}
+    if partial:  # a stage stopped by its --time-limit, whose model the later stages used as it was
+        provenance["partial_stages"] = partial
     write_atomically(out / "model" / "recipe.json", json.dumps(provenance, indent=2, default=str) + "\n")

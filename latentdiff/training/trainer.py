@@ -71,6 +71,10 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, batch_size: int,
     group.add_argument("--checkpointing-steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     group.add_argument("--checkpoints-total-limit", type=int, default=3, help="checkpoints kept (older ones deleted)")
     group.add_argument("--resume-from-checkpoint", default=None, help="'latest' or a checkpoint folder (default: start fresh)")
+    group.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                       help="end this sitting at the first optimizer step after MINUTES of training, with a "
+                            "checkpoint, and save the model as at --max-steps; the same command run again (with "
+                            "--resume-from-checkpoint latest) trains on. For machines lent for a fixed time")
     group.add_argument("--report-to", default="tensorboard", help="accelerate tracker, or 'none'")
     group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
 
@@ -84,6 +88,8 @@ def check_args(args) -> None:
         raise ValueError(f"--learning-rate must be positive, got {args.learning_rate}")
     if args.holdout < 0:
         raise ValueError(f"--holdout must be ≥ 0, got {args.holdout}")
+    if getattr(args, "time_limit", None) is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
 
 
 def make_accelerator(args, project: str) -> Accelerator:
@@ -201,6 +207,10 @@ class Progress:
         self.step = self.epoch = self.batches_in_epoch = self.bad_steps = self.skipped_images = 0
         self.sittings: list[dict] = []
         self._clock = None
+        self.stopped_at_time_limit = False
+
+    def seconds_this_sitting(self) -> float:
+        return 0.0 if self._clock is None else time.monotonic() - self._clock
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.FIELDS}, "sittings": self.sittings}
@@ -225,7 +235,8 @@ class Progress:
         return {"steps": self.step, "skipped_steps": self.bad_steps, "skipped_images": self.skipped_images,
                 "train_seconds": round(sum(s["seconds"] for s in self.sittings), 1),
                 "unrecorded_steps": self.sittings[0]["from_step"] if self.sittings else self.step,
-                "sittings": self.sittings}
+                "sittings": self.sittings,
+                **({"stopped_at_time_limit": True} if self.stopped_at_time_limit else {})}
 
 
 def hardware() -> dict:
@@ -449,9 +460,15 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
             if progress.step % args.log_every == 0 or progress.step == args.max_steps:
                 accelerator.log({"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], **logs},
                                 step=progress.step)
-            if progress.step % args.checkpointing_steps == 0 or progress.step == args.max_steps:
+            out_of_time = _time_is_up(accelerator, args, progress) and progress.step < args.max_steps
+            if progress.step % args.checkpointing_steps == 0 or progress.step == args.max_steps or out_of_time:
                 progress.update_sitting()
                 save_checkpoint(accelerator, args.output_dir, progress, ema, args.checkpoints_total_limit)
+            if out_of_time:
+                progress.stopped_at_time_limit = True
+                accelerator.print(f"--time-limit {args.time_limit:g} min reached at step {progress.step} of "
+                                  f"{args.max_steps}; checkpoint saved, the same command trains on")
+                break
             if on_step is not None and progress.step < args.max_steps:
                 on_step(progress.step)
             if progress.step >= args.max_steps:
@@ -461,6 +478,8 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
                 raise ValueError(f"--data {args.data}: no batch of a whole epoch held a readable image "
                                  f"({progress.skipped_images} unreadable images skipped)")
             progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+            continue
+        break  # the last step, or the time limit
     bar.close()
     progress.update_sitting()
     if progress.skipped_images:
@@ -468,6 +487,15 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
     if progress.bad_steps:
         accelerator.print(f"skipped {progress.bad_steps} steps with a non-finite loss or gradients")
     return progress
+
+
+def _time_is_up(accelerator: Accelerator, args, progress: Progress) -> bool:
+    """--time-limit has passed (on any process: they all stop at the same step)."""
+    limit = getattr(args, "time_limit", None)
+    if limit is None:
+        return False
+    flag = torch.tensor(progress.seconds_this_sitting() < limit * 60)
+    return not _all_true(accelerator, flag)
 
 
 def _rows(batch: dict) -> int:
