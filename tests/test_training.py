@@ -434,6 +434,41 @@ def test_clip_with_hard_negatives_learns_to_reject_captions_one_word_away(tmp_pa
     assert scores["swap"] is None and scores["swap_images"] == 0  # one colour and one shape: nothing to swap
 
 
+def test_hard_negatives_drawn_in_loader_workers_are_the_main_process_draws():
+    """The loader's workers draw each row's hard negatives (off the training step's critical path) exactly as the
+    step would: from the (seed, epoch, row) generator, with the epoch the dataset had when the workers started."""
+    from latentdiff.data.loader import item_generator
+    from latentdiff.training.clip import CollateWithHardNegatives, draw_hard_negatives
+
+    class Scenes(torch.utils.data.Dataset):
+        captions = ["a red circle above a blue square", "two green stars", "a small pink cross on the left",
+                    "a yellow circle to the left of a purple diamond"] * 4
+        epoch = 0
+
+        def __len__(self):
+            return len(self.captions)
+
+        def __getitem__(self, i):
+            return {"pixel_values": torch.zeros(3, 2, 2), "caption": self.captions[i], "index": i}
+
+    data, held_out = Scenes(), {("blue", "square")}
+    collate = CollateWithHardNegatives(data, 3, 7, held_out)
+    loader = torch.utils.data.DataLoader(data, batch_size=5, shuffle=True, num_workers=2, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))
+    by_epoch = {}
+    for epoch in (0, 3):
+        data.epoch = epoch  # as trainer.train's set_epoch, before the epoch's workers start
+        batches = list(loader)
+        assert sum(len(b["captions"]) for b in batches) == 16
+        for batch in batches:
+            generators = [item_generator(7, epoch, int(i)) for i in batch["indices"]]
+            assert batch["hard_negatives"] == draw_hard_negatives(batch["captions"], 3, generators, held_out)
+            assert all(len(picks) == 3 for picks in batch["hard_negatives"])
+            assert not any("blue square" in c for picks in batch["hard_negatives"] for c in picks)
+        by_epoch[epoch] = {int(i): n for b in batches for i, n in zip(b["indices"], b["hard_negatives"])}
+    assert by_epoch[0] != by_epoch[3]  # the workers saw the new epoch
+
+
 def test_hard_negatives_refuse_random_flips(tmp_path):
     with pytest.raises(ValueError, match="--hard-negatives cannot go with --random-flip"):
         clip_training.main(["--data", "unused", "--output-dir", str(tmp_path), "--hard-negatives", "2",
