@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 0.8; 1 with --mask)")
     gen.add_argument("--mask", default=None, metavar="PATH",
                      help="inpaint: white is generated, black kept from --init-image (default: none)")
+    gen.add_argument("--classifier", default=None, metavar="DIR",
+                     help="classifier guidance with this noise-aware latent classifier (the RUN/classifier folder "
+                          "training/train_classifier.py writes; default: none)")
+    gen.add_argument("--classifier-label", default=None,
+                     help="the class --classifier steers toward: one of its class names (or an index)")
+    gen.add_argument("--classifier-scale", type=float, default=None,
+                     help="s in ε̂ − s √(1 − ᾱ_t) ∇ log p(y | x_t), after classifier-free guidance (default: 1)")
     gen.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's native size)")
     gen.add_argument("--width", type=positive_int, default=None, help="image width in pixels (default: the model's native size)")
 
@@ -121,7 +130,8 @@ def generation_args(args) -> None:
             # same seeds run one by one in the last bit of float32)
             args.seed, args.num_images = made["seed"] - made["index"], made["num_images"]
             args.pick = made["index"]
-        for key in ("prompt", "negative_prompt", "model", "height", "width", "init_image", "strength", "mask"):
+        for key in ("prompt", "negative_prompt", "model", "height", "width", "init_image", "strength", "mask",
+                    "classifier", "classifier_label", "classifier_scale"):
             if getattr(args, key) is None:
                 setattr(args, key, made.get(key))
         if args.scheduler is None:
@@ -140,6 +150,23 @@ def generation_args(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be an image file, got {getattr(args, flag)!r}")
     if args.strength is not None and not 0 <= args.strength <= 1:
         raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.classifier is None and (args.classifier_label is not None or args.classifier_scale is not None):
+        raise ValueError("--classifier-label and --classifier-scale need --classifier, the classifier folder")
+    if args.classifier is not None:
+        if not (Path(args.classifier) / "config.json").is_file():
+            raise ValueError(f"--classifier must be a classifier folder (training/train_classifier.py writes "
+                             f"RUN/classifier), got {args.classifier!r}: no config.json there")
+        classes = json.loads((Path(args.classifier) / "config.json").read_text()).get("classes", [])
+        if args.classifier_label is None:
+            raise ValueError(f"--classifier needs --classifier-label, the class to steer toward: one of {classes}")
+        if args.classifier_label not in classes and not (args.classifier_label.isdigit()
+                                                         and int(args.classifier_label) < len(classes)):
+            raise ValueError(f"--classifier-label must be one of the classifier's classes {classes} (or an index), "
+                             f"got {args.classifier_label!r}")
+        if args.classifier_scale is None:
+            args.classifier_scale = 1.0
+        if not (math.isfinite(args.classifier_scale) and args.classifier_scale >= 0):
+            raise ValueError(f"--classifier-scale must be a finite number ≥ 0, got {args.classifier_scale}")
     if args.seed + args.num_images - 1 > argparsing.MAX_SEED:
         raise ValueError(f"--seed + --num-images − 1 must be at most 2**64 − 1, got {args.seed + args.num_images - 1}")
 
@@ -176,6 +203,9 @@ def generate(args) -> list[Path]:
               "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
     if args.init_image is not None:  # where the image came from (paths as given), for --from-png
         params.update(init_image=args.init_image, mask=args.mask, strength=strength)
+    if args.classifier is not None:
+        params.update(classifier=args.classifier, classifier_label=args.classifier_label,
+                      classifier_scale=args.classifier_scale)
     per_image = [{**params, "seed": s, "num_images": len(images), "index": k} for k, s in enumerate(seeds)]
     if args.pick is not None:  # --from-png of one image of a batch
         images, per_image = [images[args.pick]], [per_image[args.pick]]
@@ -205,6 +235,10 @@ def _generate_with_torch(args, seeds: list[int]) -> tuple[list, str, bool, float
         extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
     if args.mask is not None:
         extra["mask_image"] = Image.open(args.mask)
+    if args.classifier is not None:
+        classes = json.loads((Path(args.classifier) / "config.json").read_text())["classes"]
+        label = args.classifier_label if args.classifier_label in classes else int(args.classifier_label)
+        extra.update(classifier=args.classifier, classifier_label=label, classifier_scale=args.classifier_scale)
     pipeline_class = (LatentDiffusionInpaintPipeline if args.mask else LatentDiffusionImg2ImgPipeline
                       if args.init_image else LatentDiffusionPipeline)
     pipe = pipeline_class.from_pretrained(args.model)
@@ -229,7 +263,7 @@ def _runtime_wanted(args) -> bool:
     import importlib.util
     import os
 
-    return (args.init_image is None and args.mask is None and args.scheduler is None
+    return (args.init_image is None and args.mask is None and args.scheduler is None and args.classifier is None
             and os.environ.get("LATENTDIFF_BACKEND", "openvino") == "openvino"
             and importlib.util.find_spec("openvino") is not None)
 

@@ -69,3 +69,44 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     angles = (w.float() * 1000.0)[:, None] * frequencies[None, :]
     embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
     return torch.nn.functional.pad(embedding, (0, dim % 2))
+
+
+@dataclass
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2 in ε form): after classifier-free guidance,
+    ε̂ ← ε̂ − s √(1 − ᾱ_t) ∇_{x_t} log p_φ(y | x_t), the gradient taken through a noise-aware classifier of the
+    latents (`models.NoisyLatentClassifier`, trained by training/train_classifier.py) at the step's x_t and t.
+    A U-Net that predicts v or x_0 has its output turned into ε, guided, and turned back."""
+
+    classifier: torch.nn.Module
+    labels: torch.Tensor  # (B,) the class index wanted for each image
+    scale: float
+    alphas_cumprod: torch.Tensor  # the model's training schedule ᾱ_t, t = 0 … T − 1
+    prediction_type: str = "epsilon"
+
+    def gradient(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """∇_{x_t} log p_φ(y | x_t), one row per image."""
+        device, dtype = next(self.classifier.parameters()).device, next(self.classifier.parameters()).dtype
+        with torch.enable_grad():
+            x = x_t.detach().to(device, dtype).requires_grad_(True)
+            times = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(-1).expand(len(x))
+            log_p = torch.log_softmax(self.classifier(x, times).float(), dim=-1)
+            chosen = log_p.gather(1, self.labels.to(device)[:, None]).sum()
+            (grad,) = torch.autograd.grad(chosen, x)
+        return grad.to(x_t.device, torch.float32)
+
+    def __call__(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The guided model output, from the (CFG-combined) output and the step's x_t (the scaled model input)."""
+        if self.scale == 0:
+            return output
+        index = min(max(int(round(float(t))), 0), len(self.alphas_cumprod) - 1)
+        alpha_bar = self.alphas_cumprod[index].to(output.device, torch.float32)
+        x_t = x_t.float()
+        eps = {"epsilon": lambda: output,
+               "v_prediction": lambda: diffusion.predict_eps_from_v(x_t, output, alpha_bar),
+               "sample": lambda: diffusion.predict_eps_from_x0(x_t, output, alpha_bar)}[self.prediction_type]()
+        guided = diffusion.classifier_guidance(eps, self.gradient(x_t, t), alpha_bar, self.scale)
+        if self.prediction_type == "epsilon":
+            return guided
+        x0 = diffusion.predict_x0_from_eps(x_t, guided, alpha_bar)
+        return x0 if self.prediction_type == "sample" else diffusion.predict_v(x0, guided, alpha_bar)

@@ -24,7 +24,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPToken
 
 from . import MAX_SIZE_FACTOR, _without_log_records, attention
 from .. import model_folder
-from .guidance import ClassifierFreeGuidance, EmbeddedGuidance
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from ..model_folder import save_clip_folder, vae_scale_factor
 from .few_step import FOLDER as FEW_STEP_FOLDER, FewStep
 from .tracing import TracedCall, default_backend
@@ -371,10 +371,11 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
     def denoise(self, latents: torch.Tensor, scheduler: SchedulerMixin, guidance, embeds: torch.Tensor,
                 step_kwargs: dict, callback_on_step_end=None, callback_tensor_inputs=(),
                 prompt_embeds: torch.Tensor | None = None,
-                negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The sampling loop: per step one U-Net call on the passes guidance needs, guidance, a scheduler step, a
-        check that the latents are finite, and the step callback (which may replace tensors of
-        `_callback_tensor_inputs` or set `pipe._interrupt`)."""
+                negative_prompt_embeds: torch.Tensor | None = None,
+                classifier_guidance: ClassifierGuidance | None = None) -> torch.Tensor:
+        """The sampling loop: per step one U-Net call on the passes guidance needs, guidance (then classifier
+        guidance, when given), a scheduler step, a check that the latents are finite, and the step callback (which
+        may replace tensors of `_callback_tensor_inputs` or set `pipe._interrupt`)."""
         state = self._call_state()
         module = state.unet or self.unet  # the call's U-Net: the model's own, or its few-step student
         timestep_cond = None
@@ -396,7 +397,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                                 added_cond_kwargs=state.added_cond_kwargs, return_dict=False)[0].float()
             else:
                 output = unet(model_input.to(unet_dtype), t, embeds, *extra).float()
-            latents = scheduler.step(guidance(output), t, latents, **step_kwargs, return_dict=False)[0]
+            guided = guidance(output)
+            if classifier_guidance is not None:  # x_t as the U-Net saw it: the scaled input, one row per image
+                guided = classifier_guidance(guided, model_input[-len(latents):], t)
+            latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
             latents = self.after_step(latents, i, timesteps, scheduler)
             _check_finite(latents, f"the latents after step {i + 1} of {len(timesteps)}", guidance.scale)
             if callback_on_step_end is not None:
@@ -410,6 +414,54 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                     embeds = torch.cat([e for e, run in ((negative_prompt_embeds, guidance.uncond),
                                                          (prompt_embeds, guidance.cond)) if run])
         return latents
+
+    def classifier_guidance(self, classifier, label, scale, prompts: int, num_images_per_prompt: int,
+                            device) -> ClassifierGuidance:
+        """Checked classifier-guidance settings for a call of `prompts` prompts: the classifier (loaded from its
+        folder if a path) must read this model's latents and schedule, and every label must be one of its classes."""
+        from ..classifier import NoisyLatentClassifier
+
+        if isinstance(classifier, (str, Path)):
+            folder = Path(classifier)
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"classifier must be a classifier folder (training/train_classifier.py writes "
+                                 f"RUN/classifier) or module, got {str(classifier)!r}: no config.json there")
+            classifier = NoisyLatentClassifier.from_pretrained(folder).to(device).eval()
+        if not isinstance(classifier, torch.nn.Module):
+            raise ValueError(f"classifier must be a classifier folder or a torch module, got {type(classifier).__name__}")
+        config = getattr(classifier, "config", None)
+        classes = list(getattr(config, "classes", ()) or ())
+        if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"classifier_scale must be a finite number ≥ 0, got {scale!r}")
+        if label is None:
+            raise ValueError(f"classifier_label is required with a classifier: one of its classes {classes}")
+        labels = list(label) if isinstance(label, (list, tuple)) else [label] * prompts
+        if len(labels) != prompts:
+            raise ValueError(f"classifier_label must be one label or one per prompt ({prompts}), got {len(labels)}")
+        indices = []
+        for value in labels:
+            if isinstance(value, str) and value in classes:
+                indices.append(classes.index(value))
+            elif isinstance(value, Integral) and not isinstance(value, bool) and value >= 0 \
+                    and (not classes or value < len(classes)):
+                indices.append(int(value))
+            else:
+                raise ValueError(f"classifier_label must name one of the classifier's classes {classes} (or give "
+                                 f"its index), got {value!r}")
+        channels, steps = getattr(config, "in_channels", None), getattr(config, "num_train_timesteps", None)
+        if channels is not None and channels != self.unet.config.in_channels:
+            raise ValueError(f"classifier reads {channels}-channel latents; this model's have "
+                             f"{self.unet.config.in_channels}")
+        alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas_cumprod is None:
+            raise ValueError(f"classifier guidance needs a scheduler with the training schedule (alphas_cumprod); "
+                             f"{type(self.scheduler).__name__} has none")
+        if steps is not None and steps != len(alphas_cumprod):
+            raise ValueError(f"classifier was trained on a {steps}-step schedule; this model's has "
+                             f"{len(alphas_cumprod)} steps")
+        labels = torch.tensor(indices).repeat_interleave(num_images_per_prompt)
+        return ClassifierGuidance(classifier, labels, float(scale), alphas_cumprod.float(),
+                                  self.scheduler.config.get("prediction_type") or "epsilon")
 
     def after_step(self, latents: torch.Tensor, i: int, timesteps: torch.Tensor,
                    scheduler: SchedulerMixin) -> torch.Tensor:
@@ -566,6 +618,9 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        classifier: torch.nn.Module | str | Path | None = None,
+        classifier_label: str | int | list[str | int] | None = None,
+        classifier_scale: float = 1.0,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images for `prompt` (or for `prompt_embeds`); the arguments are diffusers'
         StableDiffusionPipeline's.
@@ -590,6 +645,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         callback_on_step_end(pipe, i, t, tensors) → tensors: called after each step with the tensors named in
             callback_on_step_end_tensor_inputs (of `pipe._callback_tensor_inputs`); the ones it returns replace
             them; `pipe._interrupt = True` stops sampling there, `pipe._guidance_scale` changes s for later steps.
+        classifier / classifier_label / classifier_scale: classifier guidance (Dhariwal & Nichol 2021) with a
+            noise-aware latent classifier (a folder training/train_classifier.py wrote, or the module): each step
+            adds −s √(1 − ᾱ_t) ∇ log p(y | x_t) to ε̂ after classifier-free guidance, for the label y (a class name
+            or index; one, or one per prompt) and s = classifier_scale.
         The progress bar is turned off with `pipe.set_progress_bar_config(disable=True)`.
         """
         height = self.native_size[0] if height is None else height
@@ -638,10 +697,13 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         latents = self.prepare_latents(prompts * num_images_per_prompt, unet.config.in_channels, height, width,
                                        unet.dtype, device, generator, latents, scheduler)
         step_kwargs = _accepted_kwargs(scheduler.step, eta=eta, generator=generator)
+        classifier_guidance = None if classifier is None else self.classifier_guidance(
+            classifier, classifier_label, classifier_scale, prompts, num_images_per_prompt, device)
 
         # 3. Denoise, 4. decode.
         latents = self.denoise(latents, scheduler, guidance, embeds, step_kwargs, callback_on_step_end,
-                               callback_on_step_end_tensor_inputs, prompt_embeds, negative_prompt_embeds)
+                               callback_on_step_end_tensor_inputs, prompt_embeds, negative_prompt_embeds,
+                               classifier_guidance)
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else (images,)
