@@ -95,8 +95,7 @@ def draw_hard_negatives(captions: list[str], count: int, generators: list[torch.
 
 class CollateWithHardNegatives:
     """The loader's collate plus each row's drawn hard negatives, so that the drawing (Python string work, 0.2 s for
-    512 captions on one core: it held a GPU run to 2 steps a second) runs in the loader's workers, not between
-    optimizer steps. The draws are the same as in the main process: per (seed, epoch, row) generators, the epoch
+    512 captions on one core) runs in the loader's workers, not in the main process between optimizer steps. The draws are the same as in the main process: per (seed, epoch, row) generators, the epoch
     read from the dataset the worker was started with (workers start anew each epoch)."""
 
     def __init__(self, dataset, count: int, seed: int, held_out: set):
