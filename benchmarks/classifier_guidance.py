@@ -61,6 +61,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--settings", default=None,
                         help="run only these settings (comma-separated numbers 1-4, in the order above; default: all)")
     parser.add_argument("--out", required=True, help="JSON report to write")
+    parser.add_argument("--grid", default=None, help="also write a PNG: the no-prompt setting's first --grid-seeds "
+                                                     "images per colour (rows) at each scale (column groups)")
+    parser.add_argument("--grid-seeds", type=int, default=3, help="images per colour and scale in --grid (default: 3)")
     args = parser.parse_args(argv)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -79,7 +82,7 @@ def main(argv=None) -> dict:
     if args.settings:
         chosen = [int(k) - 1 for k in args.settings.split(",")]
         settings = {name: value for k, (name, value) in enumerate(settings.items()) if k in chosen}
-    started, rows = time.time(), {}
+    started, rows, shown = time.time(), {}, {}
     for name, (prompts_of, guidance) in settings.items():
         rows[name] = {}
         for scale in scales:
@@ -91,6 +94,8 @@ def main(argv=None) -> dict:
                 images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=guidance,
                               generator=generators, **extra).images
                 hits[colour] = label_hits(images, colour)
+                if name == "no prompt, guidance 1":
+                    shown[(colour, scale)] = images[: args.grid_seeds]
             total, images = sum(hits.values()), n * len(hits)
             rows[name][f"{scale:g}"] = {"rate": total / images, "hits": total, "images": images,
                                         "interval_95": wilson(total, images), "per_label": hits,
@@ -103,6 +108,13 @@ def main(argv=None) -> dict:
               "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "date": time.strftime("%Y-%m-%d")}
+    if args.grid and shown:
+        from latentdiff.images import image_grid
+
+        cells = [(image, f"{colour} s={scale:g}" if i == 0 else "") for colour in colours for scale in scales
+                 for i, image in enumerate(shown.get((colour, scale), []))]
+        image_grid([c[0] for c in cells], cols=len(scales) * args.grid_seeds, labels=[c[1] for c in cells],
+                   zoom=2).save(args.grid)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
