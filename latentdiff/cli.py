@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="classifier guidance with this noise-aware latent classifier (the RUN/classifier folder "
                           "training/train_classifier.py writes; default: none)")
     gen.add_argument("--classifier-label", default=None,
-                     help="the class --classifier steers toward: one of its class names (or an index)")
+                     help="the class --classifier steers toward: one of its class names (or an index); "
+                          "required with --classifier (default: none)")
     gen.add_argument("--classifier-scale", type=float, default=None,
                      help="s in ε̂ − s √(1 − ᾱ_t) ∇ log p(y | x_t), after classifier-free guidance (default: 1)")
     gen.add_argument("--height", type=positive_int, default=None, help="image height in pixels (default: the model's native size)")

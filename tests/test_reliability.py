@@ -264,13 +264,14 @@ def _every_flag(parser, name):
 
 
 def test_every_flag_of_every_command_has_help_with_its_default():
-    from latentdiff.training import clip as clip_training, unet as unet_training, vae as vae_training
+    from latentdiff.training import classifier as classifier_training, clip as clip_training, unet as unet_training
+    from latentdiff.training import vae as vae_training
     from latentdiff import cli
     from latentdiff.evaluation import job as eval_job
 
     parsers = [("latentdiff", cli.build_parser()), ("eval", eval_job.build_parser()),
                ("train_clip", clip_training.build_parser()), ("train_vae", vae_training.build_parser()),
-               ("train_unet", unet_training.build_parser())]
+               ("train_unet", unet_training.build_parser()), ("train_classifier", classifier_training.build_parser())]
     flags = [f for name, p in parsers for f in _every_flag(p, name)]
     assert len(flags) > 100
     for name, action, parser in flags:

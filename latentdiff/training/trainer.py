@@ -74,7 +74,8 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, batch_size: int,
     group.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                        help="end this sitting at the first optimizer step after MINUTES of training, with a "
                             "checkpoint, and save the model as at --max-steps; the same command run again (with "
-                            "--resume-from-checkpoint latest) trains on. For machines lent for a fixed time")
+                            "--resume-from-checkpoint latest) trains on. For machines lent for a fixed time "
+                            "(default: none, train to --max-steps)")
     group.add_argument("--report-to", default="tensorboard", help="accelerate tracker, or 'none'")
     group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
 
