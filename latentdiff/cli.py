@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
     recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,distill,eval (default: every stage of the "
                         "recipe)")
+    recipe.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
+                        help="end each training stage of this sitting at its first step after MINUTES, with a "
+                        "checkpoint (overrides the recipe's; the stage is recorded as partial and trains on when run "
+                        "again; default: none)")
 
     export = sub("export", help="copy a model folder with its weights stored in another precision")
     export.add_argument("model", help="model folder to copy")
@@ -444,7 +448,8 @@ def _run(argv: list[str]) -> None:
     elif args.command == "run-recipe":
         from .training.recipes import run_recipe
 
-        records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None)
+        records = run_recipe(args.recipe, args.out, args.stages.split(",") if args.stages else None,
+                             time_limit=args.time_limit)
         print(f"finished {', '.join(records)}; the model is in {Path(args.out) / 'model'}")
     elif args.command == "data":
         print(make_data(args))

@@ -148,8 +148,24 @@ def test_bad_recipes_are_named(tmp_path):
     bad.write_text(f'[data]\nkind = "shapes"\n[vae]\nfrom = "{shipped}"\nargs = ["--max-steps", "3"]\n')
     with pytest.raises(ValueError, match=r"\[vae\] takes its parts from .*: it trains nothing, so it may not have args"):
         load_recipe(bad)
-    bad.write_text(f'[data]\nkind = "shapes"\n[clip]\nfrom = "{shipped}"\n')  # its CLIP missed its gate: no record
+    unmade = tmp_path / "unmade"  # parts, but no recipe made them
+    for part in ("tokenizer", "text_encoder", "unet", "scheduler"):
+        (unmade / part).mkdir(parents=True)
+    (unmade / "unet" / "config.json").write_text("{}")
+    (unmade / "scheduler" / "scheduler_config.json").write_text("{}")
+    bad.write_text(f'[data]\nkind = "shapes"\n[clip]\nfrom = "{unmade}"\n')
     with pytest.raises(ValueError, match=r"\[clip\] from .*holds no record of a clip stage"):
+        load_recipe(bad)
+    bad.write_text(f'[data]\nkind = "shapes"\n[clip]\nfrom = "{shipped}"\n')  # its CLIP missed its gate: taken so
+    assert load_recipe(bad)["clip"]["from"] == str(shipped)
+    bad.write_text(f'[data]\nkind = "shapes"\n[unet]\ninit = "{unmade}"\nargs = []\n')
+    with pytest.raises(ValueError, match=r"\[unet\] init .*holds no record of a unet stage"):
+        load_recipe(bad)
+    bad.write_text(f'[data]\nkind = "shapes"\n[unet]\ninit = "{tmp_path}"\nargs = []\n')
+    with pytest.raises(ValueError, match=r"\[unet\] init .*has no unet, scheduler/"):
+        load_recipe(bad)
+    bad.write_text(f'[data]\nkind = "shapes"\n[unet]\ninit = "{shipped}"\nfrom = "{shipped}"\n')
+    with pytest.raises(ValueError, match=r"\[unet\] has both from .* and init .*keep one"):
         load_recipe(bad)
     bad.write_text(TINY.replace('"--max-steps", "4"', '"--max-steps", "4", "--time-limit", "0"'))
     with pytest.raises(ValueError, match=r"--time-limit must be a positive number of minutes, got 0"):
@@ -198,3 +214,29 @@ args = ["--preset", "tiny", "--max-steps", "50", "--time-limit", "0.00001", "--b
     assert main(["run-recipe", str(second), "--out", str(run)]) == 0  # the same command trains on
     summary = json.loads((stages / "unet.partial.json").read_text())["summary"]
     assert summary["steps"] == 2 and [(s["from_step"], s["to_step"]) for s in summary["sittings"]] == [(0, 1), (1, 2)]
+    # `init` trains a recipe's U-Net on (here the partial one just made), and run-recipe --time-limit ends the sitting
+    third = tmp_path / "third.toml"
+    third.write_text(TINY.split("[clip]")[0] + f'''
+[clip]
+from = "{run / 'model'}"
+[vae]
+from = "{run / 'model'}"
+[unet]
+init = "{run / 'model'}"
+args = ["--max-steps", "50", "--learning-rate", "1e-12", "--batch-size", "8", "--holdout", "8", "--report-to", "none",
+        "--validation-prompts", "a red circle"]
+''')
+    capsys.readouterr()
+    assert main(["run-recipe", str(third), "--out", str(tmp_path / "third"), "--time-limit", "0.00001"]) == 0
+    out = capsys.readouterr().out
+    assert f"[unet] starts from the U-Net of {run / 'model'}" in out and "reached at step 1 of 50" in out
+    name = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(run / "model" / "unet" / name), load_file(tmp_path / "third" / "model" / "unet" / name)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # one step at lr 1e-12
+    record = json.loads((tmp_path / "third" / "stages" / "unet.partial.json").read_text())
+    assert record["args"][-2:] == ["--time-limit", "1e-05"]
+    assert record["initialized_from"]["folder"] == str(run / "model")
+    assert record["initialized_from"]["record"]["partial_at_source"] is True
+    with pytest.raises(SystemExit):
+        main(["run-recipe", str(third), "--out", str(tmp_path / "third"), "--time-limit", "0"])
+    assert "argument --time-limit: must be a number > 0, got '0'" in capsys.readouterr().err

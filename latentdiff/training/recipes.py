@@ -42,6 +42,10 @@ STAGE_KEYS = {"data": {"kind", "args", "path", "gates"}, **{s: {"args", "gates"}
 STAGE_PARTS = {"clip": ("tokenizer", "text_encoder", "clip"), "vae": ("vae",), "unet": ("unet", "scheduler")}
 for _stage in STAGE_PARTS:
     STAGE_KEYS[_stage] = STAGE_KEYS[_stage] | {"from"}
+# `init = "MODEL"` on the U-Net stage: train on from another recipe's U-Net (its unet/ and scheduler/ start the
+# stage; its record is kept in this one's as `initialized_from`) instead of from --preset's random weights.
+STAGE_KEYS["unet"] = STAGE_KEYS["unet"] | {"init"}
+TRAINING_STAGES = ("clip", "vae", "decoder", "unet", "distill")
 RESERVED_FLAGS = {
     "data": ("--out", "--overwrite"),
     "clip": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
@@ -108,6 +112,8 @@ def load_recipe(path: str | Path) -> dict:
     for stage in STAGE_PARTS:
         if "from" in recipe.get(stage, {}):
             recipe[stage] = {**recipe[stage], "from": str(_check_from(path, stage, recipe[stage]))}
+    if "init" in recipe.get("unet", {}):
+        recipe["unet"] = {**recipe["unet"], "init": str(_check_init(path, recipe["unet"]))}
     for stage in STAGES:
         if stage in recipe and "from" not in recipe[stage]:
             recipe[stage] = {**recipe[stage], "args": _resolve_paths(path.parent, recipe[stage].get("args", []))}
@@ -128,16 +134,51 @@ def _check_from(path: Path, stage: str, section: dict) -> Path:
     missing = [part for part in STAGE_PARTS[stage] if part != "clip" and not (folder / part).is_dir()]
     if missing:
         raise ValueError(f"recipe {path}: [{stage}] from {source!r}: {folder} has no {', '.join(missing)}/")
-    try:
-        json.loads((folder / "recipe.json").read_text())["stages"][stage]
-    except (OSError, ValueError, KeyError, TypeError):
+    if _source_record(folder, stage) is None:
         raise ValueError(f"recipe {path}: [{stage}] from {source!r}: {folder / 'recipe.json'} holds no record of a "
-                         f"{stage} stage (only parts a recipe made can be taken)") from None
+                         f"{stage} stage (only parts a recipe made can be taken)")
     return folder
 
 
-def _take_stage(stage: str, source: Path, out: Path) -> dict:
-    """Copy the stage's parts from `source` into OUT/model; the stage's record there, with where it came from."""
+def _check_init(path: Path, section: dict) -> Path:
+    """`init`: a model folder (relative to the recipe file) whose U-Net, made by a recipe, this stage trains on."""
+    source = section["init"]
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"recipe {path}: [unet] init must be a model folder, got {source!r}")
+    if "from" in section:
+        raise ValueError(f"recipe {path}: [unet] has both from (take a U-Net as it is) and init (train one on); "
+                         "keep one")
+    folder = (path.parent / source).resolve()
+    missing = [part for part in STAGE_PARTS["unet"] if not (folder / part / "config.json").is_file()
+               and not (folder / part / "scheduler_config.json").is_file()]
+    if missing:
+        raise ValueError(f"recipe {path}: [unet] init {source!r}: {folder} has no {', '.join(missing)}/")
+    if _source_record(folder, "unet") is None:
+        raise ValueError(f"recipe {path}: [unet] init {source!r}: {folder / 'recipe.json'} holds no record of a "
+                         "unet stage (only a U-Net a recipe made can be trained on)")
+    return folder
+
+
+def _source_record(folder: Path, stage: str) -> dict | None:
+    """The record of `stage` in a model folder's recipe.json: a finished stage's, or one that missed its gate or
+    stopped at its --time-limit (then marked so)."""
+    try:
+        provenance = json.loads((folder / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(provenance, dict):
+        return None
+    marks = {"stages": {}, "missed_gates": {"missed_gate_at_source": True},
+             "partial_stages": {"partial_at_source": True}}
+    for key, mark in marks.items():
+        record = (provenance.get(key) or {}).get(stage)
+        if isinstance(record, dict):
+            return {**record, **mark}
+    return None
+
+
+def _copy_parts(stage: str, source: Path, out: Path) -> None:
+    """Copy the stage's parts from `source` into OUT/model, each whole or not at all."""
     import shutil
 
     for part in STAGE_PARTS[stage]:
@@ -148,8 +189,12 @@ def _take_stage(stage: str, source: Path, out: Path) -> dict:
             shutil.copytree(source / part, staging)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
-    record = json.loads((source / "recipe.json").read_text())["stages"][stage]
-    return {**record, "taken_from": str(source)}
+
+
+def _take_stage(stage: str, source: Path, out: Path) -> dict:
+    """Copy the stage's parts from `source` into OUT/model; the stage's record there, with where it came from."""
+    _copy_parts(stage, source, out)
+    return {**_source_record(source, stage), "taken_from": str(source)}
 
 
 def _resolve_paths(folder: Path, args: list[str]) -> list[str]:
@@ -274,8 +319,10 @@ def _data_stage(recipe: dict, out: Path) -> dict:
     return {"data": str(out / "data")}
 
 
-def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = None) -> dict:
-    """Run (or finish) every stage of a recipe; returns {stage: record}."""
+def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = None,
+               time_limit: float | None = None) -> dict:
+    """Run (or finish) every stage of a recipe; returns {stage: record}. `time_limit` (minutes) ends each training
+    stage of this sitting as its --time-limit would (it overrides the recipe's)."""
     from . import clip as clip_training, lcm, unet as unet_training, vae as vae_training
     from ..evaluation import job as eval_job
 
@@ -304,6 +351,12 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
         data = recipe["data"]["path"] if recipe["data"]["kind"] == "folder" else str(out / "data")
         common = ["--data", data, "--output-dir", str(out / "runs" / stage), "--resume-from-checkpoint", "latest"]
         args = recipe.get(stage, {}).get("args", [])
+        if time_limit is not None and stage in TRAINING_STAGES:
+            args = [*args, "--time-limit", f"{time_limit:g}"]
+        init = recipe.get(stage, {}).get("init")
+        if init and not any((out / "runs" / stage).glob("checkpoint-*")):  # a checkpoint, once there, carries on
+            _copy_parts(stage, Path(init), out)
+            print(f"[{stage}] starts from the U-Net of {init}")
         if stage == "data":
             summary = _data_stage(recipe, out)
         elif stage == "clip":
@@ -322,6 +375,8 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
                                           *args])
         record = {"stage": stage, "summary": summary, "wall_seconds": round(time.time() - started, 1),
                   "hardware": hardware(), "args": args}
+        if init:
+            record["initialized_from"] = {"folder": init, "record": _source_record(Path(init), stage)}
         gates = check_gates(stage, recipe.get(stage, {}).get("gates", []), summary or {})
         if gates:
             record["gates"] = gates
