@@ -42,7 +42,10 @@ def test_labels_come_from_scenes_whose_objects_agree_or_from_a_column(scenes):
         labels_of(dataset, "column:nope")
 
 
-def test_the_classifier_learns_to_read_the_colour_of_noisy_latents(scenes, tmp_path):
+@pytest.fixture(scope="module")
+def model(scenes, tmp_path_factory):
+    """A tiny VAE trained briefly on the scenes, with a DDPM schedule: what a classifier is trained against."""
+    tmp_path = tmp_path_factory.mktemp("classifier-model")
     model = tmp_path / "model"
     vae_training.main(["--data", str(scenes), "--preset", "tiny", "--model-dir", str(model), "--max-steps", "200",
                        "--batch-size", "16", "--learning-rate", "2e-3", "--output-dir", str(tmp_path / "vae"),
@@ -51,10 +54,31 @@ def test_the_classifier_learns_to_read_the_colour_of_noisy_latents(scenes, tmp_p
     (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
          "beta_start": 0.00085, "beta_end": 0.012}))
+    return model
+
+
+def test_cached_latents_train_the_same_classifier_as_encoding_every_step(model, scenes, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = []
+    for name, extra in (("each-step", []), ("cached", ["--cache-latents"])):
+        classifier_training.main(["--model", str(model), "--data", str(scenes), "--label", "shapes:colour",
+                                  "--output-dir", str(tmp_path / name), "--max-steps", "4", "--batch-size", "16",
+                                  "--holdout", "0", "--width", "16", *extra, *QUIET])
+        weights.append(load_file(next((tmp_path / name / "classifier").glob("*.safetensors"))))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], msg=key)
+    with pytest.raises(ValueError, match="--cache-latents stores one encoding per image: drop --random-crop"):
+        classifier_training.main(["--model", str(model), "--data", str(scenes), "--label", "shapes:colour",
+                                  "--output-dir", str(tmp_path / "flip"), "--cache-latents", "--random-flip", *QUIET])
+
+
+def test_the_classifier_learns_to_read_the_colour_of_noisy_latents(model, scenes, tmp_path):
     summary = classifier_training.main(["--model", str(model), "--data", str(scenes), "--label", "shapes:colour",
                                         "--output-dir", str(tmp_path / "run"), "--max-steps", "600",
                                         "--batch-size", "64", "--holdout", "200", "--width", "32",
-                                        "--lr-warmup-steps", "10", *QUIET])
+                                        "--lr-warmup-steps", "10", "--cache-latents", *QUIET])
     accuracy = summary["holdout_accuracy"]
     assert summary["chance"] == 1 / 8
     # ~145 labelled held-out scenes: at chance (1/8) the accuracy's standard deviation is 0.027, so 0.22 is 3.5 of

@@ -64,11 +64,13 @@ def test_a_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path, cap
 def test_shipped_recipes_parse(recipe, tmp_path):
     parsed = load_recipe(recipe)
     required = ["--data", "d", "--output-dir", str(tmp_path)]
-    clip_training.build_parser().parse_args([*required, *parsed["clip"]["args"]])
-    if "from" in parsed["vae"]:  # taken from a model folder an earlier recipe made
-        assert (Path(parsed["vae"]["from"]) / "vae").is_dir()
-    else:
-        vae_training.build_parser().parse_args([*required, *parsed["vae"]["args"]])
+    for stage, module in (("clip", clip_training), ("vae", vae_training)):
+        if "from" in parsed[stage]:  # taken from a model folder an earlier recipe made
+            assert (Path(parsed[stage]["from"]) / ("text_encoder" if stage == "clip" else "vae")).is_dir()
+        else:
+            module.build_parser().parse_args([*required, *parsed[stage]["args"]])
+    if "init" in parsed["unet"]:  # trains on from another model's U-Net
+        assert (Path(parsed["unet"]["init"]) / "unet").is_dir()
     unet_training.build_parser().parse_args([*required, "--model", "m", *parsed["unet"]["args"]])
     if "decoder" in parsed:
         vae_training.build_parser().parse_args([*required, "--finetune-decoder", *parsed["decoder"]["args"]])

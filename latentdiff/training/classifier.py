@@ -2,7 +2,8 @@
 2021): `python training/train_classifier.py --model MODEL --data DATA --label shapes:colour --output-dir RUN`.
 
 Each step encodes a batch of images with the model's VAE (posterior mean × scaling factor: the x_0 the U-Net was
-trained on), draws t uniformly and noises them with the model's own schedule, x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, and
+trained on; with --cache-latents every training image is encoded once, in memory, and the steps see the same x_0),
+draws t uniformly and noises them with the model's own schedule, x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, and
 minimises the cross-entropy of the label. Labels come from the data: `shapes:colour` / `shapes:shape` (a shapes
 scene whose objects all share that attribute; other scenes are left out) or `column:NAME` (any column of strings
 or integers). The classifier (`NoisyLatentClassifier`, a small convolutional net with a timestep embedding) is
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model folder whose vae/ and scheduler/ the classifier serves")
     parser.add_argument("--label", required=True, help="shapes:colour, shapes:shape or column:NAME")
     parser.add_argument("--width", type=int, default=64, help="channels of the classifier (default: 64)")
+    parser.add_argument("--cache-latents", action="store_true",
+                        help="encode every training image once, in memory (C·h·w floats an image), instead of every "
+                             "step: the same x_0 (the posterior mean), far fewer VAE passes; not with --random-crop "
+                             "or --random-flip")
     trainer.add_common_args(parser, lr=1e-3, batch_size=64, max_steps=2000)
     return parser
 
@@ -85,6 +90,32 @@ def accuracy_by_time(classifier, vae, schedule, holdout, labels: list[int], devi
     return {str(t): correct[t] / total for t in times} if total else {}
 
 
+class EncodedImages(torch.utils.data.Dataset):
+    """The training images encoded once: items {"x0" (C, h, w), "index" (the data set's row, for its label)}."""
+
+    def __init__(self, vae, dataset, device, batch_size: int = 64):
+        from ..data.loader import readable_batches
+
+        latents, rows = [], []
+        with torch.no_grad():
+            for kept, pixels in readable_batches(dataset, batch_size):
+                latents.append(vae.encode(pixels.to(device)).latent_dist.mean.cpu() * vae.config.scaling_factor)
+                rows += kept
+        self.latents, self.rows = torch.cat(latents), rows
+        self.skipped = len(dataset) - len(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"x0": self.latents[index], "index": self.rows[index]}
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    return {"x0": torch.stack([i["x0"] for i in items]), "indices": torch.tensor([i["index"] for i in items]),
+            "skipped": 0}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from diffusers import AutoencoderKL
 
@@ -94,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.check_args(args)
     if args.width < 8 or args.width % 8:
         raise ValueError(f"--width must be a positive multiple of 8, got {args.width}")
+    if args.cache_latents and (args.random_crop or args.random_flip):
+        raise ValueError("--cache-latents stores one encoding per image: drop --random-crop / --random-flip")
     accelerator = trainer.make_accelerator(args, "train_classifier")
     model = Path(args.model)
     vae = AutoencoderKL.from_pretrained(model / "vae").to(accelerator.device).eval().requires_grad_(False)
@@ -107,7 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
     classifier = NoisyLatentClassifier(vae.config.latent_channels, args.width, tuple(classes),
                                        schedule.config.num_train_timesteps)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    loader = trainer.make_loader(train_set, args)
+    if args.cache_latents:
+        encoded = EncodedImages(vae, train_set, accelerator.device)
+        if encoded.skipped:
+            accelerator.print(f"--cache-latents: {encoded.skipped} unreadable image(s) left out")
+        loader = trainer.make_loader(encoded, args, collate_fn=collate_encoded)
+    else:
+        loader = trainer.make_loader(train_set, args)
     classifier, optimizer, lr_scheduler, loader = trainer.prepare(
         accelerator, classifier, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
     table = torch.tensor(train_labels)
@@ -116,8 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step(batch):
         y = table[batch["indices"].cpu()].to(accelerator.device)
-        with torch.no_grad():
-            x0 = vae.encode(batch["pixel_values"]).latent_dist.mean * scaling
+        if args.cache_latents:
+            x0 = batch["x0"]
+        else:
+            with torch.no_grad():
+                x0 = vae.encode(batch["pixel_values"]).latent_dist.mean * scaling
         t = torch.randint(0, len(alphas_cumprod), (len(x0),), device=x0.device)
         x_t = diffusion.q_sample(x0, torch.randn(x0.shape, device=x0.device), diffusion.broadcast_to(
             alphas_cumprod[t], x0))
