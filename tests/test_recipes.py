@@ -102,9 +102,7 @@ def test_a_stage_that_misses_its_gate_stops_the_recipe_and_says_which(tmp_path, 
     assert (stages / "vae.failed.json").is_file() and not (stages / "vae.json").exists()
     failed = json.loads((stages / "vae.failed.json").read_text())
     assert [g["passed"] for g in failed["gates"]] == [True, False]
-    from latentdiff.training.recipes import load_recipe as load, write_provenance
-
-    write_provenance(load(recipe), tmp_path / "run")  # a model folder made from a stage that missed says so
+    # the model folder says that a stage missed its gate, as its recipe.json is written anyway
     provenance = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
     assert "vae" not in provenance["stages"] and provenance["missed_gates"]["vae"]["gates"][1]["passed"] is False
     recipe.write_text(GATED % "0.0")  # a rerun resumes from the last checkpoint and now passes
@@ -239,6 +237,18 @@ args = ["--max-steps", "50", "--learning-rate", "1e-12", "--batch-size", "8", "-
     assert record["args"][-2:] == ["--time-limit", "1e-05"]
     assert record["initialized_from"]["folder"] == str(run / "model")
     assert record["initialized_from"]["record"]["partial_at_source"] is True
+    # the next sitting resumes its checkpoint: the source's U-Net is not copied in again, and the record of where the
+    # stage started is the first sitting's even when the source has been replaced since (here: trained on)
+    first_record = record["initialized_from"]
+    assert main(["run-recipe", str(second), "--out", str(run)]) == 0
+    assert json.loads((run / "model" / "recipe.json").read_text())["partial_stages"]["unet"]["summary"]["steps"] == 3
+    capsys.readouterr()
+    assert main(["run-recipe", str(third), "--out", str(tmp_path / "third"), "--time-limit", "0.00001"]) == 0
+    assert "starts from the U-Net" not in capsys.readouterr().out
+    record = json.loads((tmp_path / "third" / "stages" / "unet.partial.json").read_text())
+    assert [(s["from_step"], s["to_step"]) for s in record["summary"]["sittings"]] == [(0, 1), (1, 2)]
+    assert record["initialized_from"]["folder"] == str(run / "model")
+    assert record["initialized_from"] == first_record and first_record["record"]["summary"]["steps"] == 2
     with pytest.raises(SystemExit):
         main(["run-recipe", str(third), "--out", str(tmp_path / "third"), "--time-limit", "0"])
     assert "argument --time-limit: must be a number > 0, got '0'" in capsys.readouterr().err

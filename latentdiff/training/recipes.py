@@ -334,72 +334,79 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
         if stage not in recipe:
             raise ValueError(f"--stages: {stage!r} is not a section of {path} (its stages: "
                              f"{[s for s in STAGES if s in recipe]})")
-    for stage in stages or [s for s in STAGES if s in recipe]:
-        marker = done_dir / f"{stage}.json"
-        if marker.is_file():
-            records[stage] = json.loads(marker.read_text())
-            print(f"[{stage}] already done ({marker})")
-            continue
-        if "from" in recipe.get(stage, {}):
-            record = _take_stage(stage, Path(recipe[stage]["from"]), out)
-            print(f"[{stage}] taken from {recipe[stage]['from']}")
-            write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
+    try:
+        for stage in stages or [s for s in STAGES if s in recipe]:
+            marker = done_dir / f"{stage}.json"
+            if marker.is_file():
+                records[stage] = json.loads(marker.read_text())
+                print(f"[{stage}] already done ({marker})")
+                continue
+            if "from" in recipe.get(stage, {}):
+                record = _take_stage(stage, Path(recipe[stage]["from"]), out)
+                print(f"[{stage}] taken from {recipe[stage]['from']}")
+                write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
+                records[stage] = record
+                continue
+            print(f"[{stage}] running")
+            started = time.time()
+            data = recipe["data"]["path"] if recipe["data"]["kind"] == "folder" else str(out / "data")
+            common = ["--data", data, "--output-dir", str(out / "runs" / stage), "--resume-from-checkpoint", "latest"]
+            args = recipe.get(stage, {}).get("args", [])
+            if time_limit is not None and stage in TRAINING_STAGES:
+                args = [*args, "--time-limit", f"{time_limit:g}"]
+            init = recipe.get(stage, {}).get("init")
+            partial = done_dir / f"{stage}.partial.json"
+            # where an earlier sitting started from, as it was then (the source may have been replaced since)
+            started_from = json.loads(partial.read_text()).get("initialized_from") if partial.is_file() else None
+            # a checkpoint, once there, carries on (the copy would be overwritten by it, but it is not made either)
+            if init and not any((out / "runs" / stage / "checkpoints").glob("checkpoint-*")):
+                _copy_parts(stage, Path(init), out)
+                print(f"[{stage}] starts from the U-Net of {init}")
+            if stage == "data":
+                summary = _data_stage(recipe, out)
+            elif stage == "clip":
+                summary = clip_training.main([*common, "--model-dir", str(out / "model"), *args])
+            elif stage == "vae":
+                summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
+            elif stage == "decoder":
+                summary = vae_training.main([*common, "--model-dir", str(out / "model"), "--finetune-decoder", *args])
+            elif stage == "distill":
+                summary = lcm.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"), *args])
+            elif stage == "eval":
+                summary = eval_job.main(["--model", str(out / "model"), "--prompts", data, "--out", str(out / "eval"),
+                                         *args])
+            else:
+                summary = unet_training.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"),
+                                              *args])
+            record = {"stage": stage, "summary": summary, "wall_seconds": round(time.time() - started, 1),
+                      "hardware": hardware(), "args": args}
+            if init:
+                record["initialized_from"] = started_from or {"folder": init,
+                                                              "record": _source_record(Path(init), stage)}
+            gates = check_gates(stage, recipe.get(stage, {}).get("gates", []), summary or {})
+            if gates:
+                record["gates"] = gates
+            missed = [g for g in gates if not g["passed"]]
+            if missed:
+                failed = done_dir / f"{stage}.failed.json"
+                write_atomically(failed, json.dumps(record, indent=2, default=str) + "\n")
+                raise GateMissed(f"[{stage}] missed its gate: " + "; ".join(
+                    f"{g['metric']} = {g['value']} (needs {'≥ ' + str(g['min']) if 'min' in g else ''}"
+                    f"{' and ' if 'min' in g and 'max' in g else ''}{'≤ ' + str(g['max']) if 'max' in g else ''})"
+                    for g in missed) + f"; the recipe stops here (record: {failed}). " + (
+                        "Raise the stage's --max-steps and run the recipe again to train on from its last checkpoint."
+                        if stage != "data" and stage != "eval" else "Train the stage before it further, then rerun."))
+            (done_dir / f"{stage}.failed.json").unlink(missing_ok=True)
             records[stage] = record
-            continue
-        print(f"[{stage}] running")
-        started = time.time()
-        data = recipe["data"]["path"] if recipe["data"]["kind"] == "folder" else str(out / "data")
-        common = ["--data", data, "--output-dir", str(out / "runs" / stage), "--resume-from-checkpoint", "latest"]
-        args = recipe.get(stage, {}).get("args", [])
-        if time_limit is not None and stage in TRAINING_STAGES:
-            args = [*args, "--time-limit", f"{time_limit:g}"]
-        init = recipe.get(stage, {}).get("init")
-        if init and not any((out / "runs" / stage).glob("checkpoint-*")):  # a checkpoint, once there, carries on
-            _copy_parts(stage, Path(init), out)
-            print(f"[{stage}] starts from the U-Net of {init}")
-        if stage == "data":
-            summary = _data_stage(recipe, out)
-        elif stage == "clip":
-            summary = clip_training.main([*common, "--model-dir", str(out / "model"), *args])
-        elif stage == "vae":
-            summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
-        elif stage == "decoder":
-            summary = vae_training.main([*common, "--model-dir", str(out / "model"), "--finetune-decoder", *args])
-        elif stage == "distill":
-            summary = lcm.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"), *args])
-        elif stage == "eval":
-            summary = eval_job.main(["--model", str(out / "model"), "--prompts", data, "--out", str(out / "eval"),
-                                     *args])
-        else:
-            summary = unet_training.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"),
-                                          *args])
-        record = {"stage": stage, "summary": summary, "wall_seconds": round(time.time() - started, 1),
-                  "hardware": hardware(), "args": args}
-        if init:
-            record["initialized_from"] = {"folder": init, "record": _source_record(Path(init), stage)}
-        gates = check_gates(stage, recipe.get(stage, {}).get("gates", []), summary or {})
-        if gates:
-            record["gates"] = gates
-        missed = [g for g in gates if not g["passed"]]
-        if missed:
-            failed = done_dir / f"{stage}.failed.json"
-            write_atomically(failed, json.dumps(record, indent=2, default=str) + "\n")
-            raise GateMissed(f"[{stage}] missed its gate: " + "; ".join(
-                f"{g['metric']} = {g['value']} (needs {'≥ ' + str(g['min']) if 'min' in g else ''}"
-                f"{' and ' if 'min' in g and 'max' in g else ''}{'≤ ' + str(g['max']) if 'max' in g else ''})"
-                for g in missed) + f"; the recipe stops here (record: {failed}). " + (
-                    "Raise the stage's --max-steps and run the recipe again to train on from its last checkpoint."
-                    if stage != "data" and stage != "eval" else "Train the stage before it further, then rerun."))
-        (done_dir / f"{stage}.failed.json").unlink(missing_ok=True)
-        records[stage] = record
-        if (summary or {}).get("stopped_at_time_limit"):  # not done: running the recipe again trains on
-            write_atomically(done_dir / f"{stage}.partial.json", json.dumps(record, indent=2, default=str) + "\n")
-            print(f"[{stage}] stopped at its --time-limit after {summary['steps']} steps: not marked done; run the "
-                  f"recipe again to train on (the later stages use its model as it is now)")
-            continue
-        (done_dir / f"{stage}.partial.json").unlink(missing_ok=True)
-        write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
-    write_provenance(recipe, out)  # also when every stage was done already, or another process finished one
+            if (summary or {}).get("stopped_at_time_limit"):  # not done: running the recipe again trains on
+                write_atomically(done_dir / f"{stage}.partial.json", json.dumps(record, indent=2, default=str) + "\n")
+                print(f"[{stage}] stopped at its --time-limit after {summary['steps']} steps: not marked done; run the "
+                      f"recipe again to train on (the later stages use its model as it is now)")
+                continue
+            (done_dir / f"{stage}.partial.json").unlink(missing_ok=True)
+            write_atomically(marker, json.dumps(record, indent=2, default=str) + "\n")
+    finally:  # also when a stage missed its gate (the model folder says so), or every stage was done already
+        write_provenance(recipe, out)
     return records
 
 
