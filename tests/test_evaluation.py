@@ -185,6 +185,14 @@ def test_reduced_precision_generation_is_reported_and_close_to_fp32(model, promp
         assert a["clip_score"] != b["clip_score"] and abs(a["clip_score"] - b["clip_score"]) < 0.05 * a["clip_score"]
 
 
+def test_guidance_rescale_changes_only_the_guided_images_and_is_reported(model, prompts, tmp_path):
+    plain = eval_main(_run(model, prompts, tmp_path / "plain", max_prompts=4))
+    rescaled = eval_main(_run(model, prompts, tmp_path / "rescaled", "--guidance-rescale", "0.7", max_prompts=4))
+    assert plain["guidance_rescale"] == 0 and rescaled["guidance_rescale"] == 0.7
+    assert rescaled["scales"][0]["clip_score"] == pytest.approx(plain["scales"][0]["clip_score"], abs=1e-4)  # at 1
+    assert abs(rescaled["scales"][1]["clip_score"] - plain["scales"][1]["clip_score"]) > 1e-3  # at 7.5
+
+
 def test_reference_images_can_be_any_image_folder(model, tmp_path):
     (tmp_path / "prompts.txt").write_text("a tiger\na red apple\n")
     reference = tmp_path / "real"
@@ -256,6 +264,8 @@ def test_bad_eval_arguments_are_named(model, prompts, tmp_path, capsys):
 
     assert main(["eval", *_run(model, prompts, tmp_path)[:-10], "--guidance-scales", "1,x"]) == 2
     assert "--guidance-scales must be comma-separated finite numbers ≥ 0, got '1,x'" in capsys.readouterr().err
+    assert main(["eval", *_run(model, prompts, tmp_path), "--guidance-rescale", "1.5"]) == 2
+    assert "--guidance-rescale must be in [0, 1], got 1.5" in capsys.readouterr().err
     assert main(["eval", "--model", str(model), "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path)]) == 2
     assert "prompts must be a .txt, .jsonl or .csv file or a data set folder" in capsys.readouterr().err
 

@@ -38,6 +38,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--judge", default=None, help="CLIP folder or open_clip:ARCH:CHECKPOINT (default: MODEL/clip)")
     parser.add_argument("--reference", default=None, help="real images for FD (default: the prompts' data set)")
     parser.add_argument("--guidance-scales", default="1,2,4,7.5", help="comma-separated guidance scales to sweep")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                        help="φ of Lin et al. 2024 at every scale: rescale the guided ε toward the conditional one's "
+                             "standard deviation, in [0, 1] (default: 0, off)")
     parser.add_argument("--steps", type=argparsing.positive_int, default=25, help="sampling steps per image")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None,
                         help="sampler (default: the model's own; with --steps at most 8 on a model with few-step "
@@ -87,7 +90,8 @@ def generate(pipe, prompts: list[ev.Prompt], indices: list[int], scale: float, a
     for start in tqdm(starts, desc=f"guidance {scale:g}", unit="batch", disable=not show, leave=False):
         chunk = indices[start: start + per_batch]
         generators = [torch.Generator().manual_seed(ev.image_seed(args.seed, i, k)) for i in chunk for k in range(n)]
-        images = pipe([prompts[i].text for i in chunk], guidance_scale=scale, num_inference_steps=args.steps,
+        images = pipe([prompts[i].text for i in chunk], guidance_scale=scale,
+                      guidance_rescale=args.guidance_rescale, num_inference_steps=args.steps,
                       num_images_per_prompt=n, generator=generators).images
         out += [(i, k, images[j * n + k]) for j, i in enumerate(chunk) for k in range(n)]
     return out
@@ -193,6 +197,8 @@ def check_args(args) -> list[float]:
         if not Path(args.inception_weights).is_file():
             raise ValueError(f"--inception-weights must be an existing weights file, got {args.inception_weights!r}")
         ev.check_inception_available()
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.diversity < 0:
         raise ValueError(f"--diversity must be ≥ 0, got {args.diversity}")
     for name in ("max_prompts", "sample_prompts"):
@@ -291,7 +297,8 @@ def diversity(pipe, prompts: list[ev.Prompt], scale: float, args) -> dict | None
     for i in chosen:
         generators = [torch.Generator().manual_seed(ev.image_seed(args.seed + 1, i, k))
                       for k in range(args.diversity_seeds)]
-        images = pipe(prompts[i].text, guidance_scale=scale, num_inference_steps=args.steps,
+        images = pipe(prompts[i].text, guidance_scale=scale, guidance_rescale=args.guidance_rescale,
+                      num_inference_steps=args.steps,
                       num_images_per_prompt=args.diversity_seeds, generator=generators).images
         per_prompt.append(len({ev.layout(im) for im in images}))
     return {"prompts": len(chosen), "seeds": args.diversity_seeds,
@@ -414,7 +421,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     report = {"out": str(out), "model": str(model_dir), "judge": judge_spec and str(judge_spec), "prompts": len(prompts),
               "steps": args.steps, "scheduler": "LCMScheduler" if few_step else type(pipe.scheduler).__name__,
               "few_step": few_step, "dtype": args.dtype, "seed": args.seed,
-              "images_per_prompt": args.images_per_prompt, "processes": state.num_processes, "scales": rows}
+              "guidance_rescale": args.guidance_rescale, "images_per_prompt": args.images_per_prompt,
+              "processes": state.num_processes, "scales": rows}
     if reference is None:
         report["fd_note"] = fd_note
     if unseen:
