@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="image.png", help="image file to write; its extension picks the format")
     gen.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: 25)")
     gen.add_argument("--guidance-scale", type=guidance, default=None, help="classifier-free guidance s (default: 7.5)")
+    gen.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
+                     help="φ of Lin et al. 2024: rescale the guided ε toward the conditional one's standard "
+                          "deviation, in [0, 1] (A1111/Forge's Rescale CFG; default: 0, off)")
     gen.add_argument("--seed", type=seed, default=None, help="seed of the initial noise; image k of --num-images "
                                                              "gets seed + k, as in AUTOMATIC1111 (default: 0)")
     gen.add_argument("--num-images", type=positive_int, default=None,
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "seed": 0, "num_images": 1}
+GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": 0, "num_images": 1}
 
 
 def generation_args(args) -> None:
@@ -153,6 +156,8 @@ def generation_args(args) -> None:
     for flag in ("init_image", "mask"):
         if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
             raise ValueError(f"--{flag.replace('_', '-')} must be an image file, got {getattr(args, flag)!r}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.strength is not None and not 0 <= args.strength <= 1:
         raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
     if args.classifier is None and (args.classifier_label is not None or args.classifier_scale is not None):
@@ -195,7 +200,8 @@ def generate(args) -> list[Path]:
         from PIL import Image
 
         images = [Image.fromarray(a) for a in runtime(args.prompt, seeds, args.steps, args.guidance_scale,
-                                                      args.negative_prompt, args.height, args.width)]
+                                                      args.negative_prompt, args.height, args.width,
+                                                      args.guidance_rescale)]
         few_step = runtime.uses_few_step(args.steps)
         sampler = "LCMScheduler" if few_step else "DPMSolverMultistepScheduler"
         strength = None
@@ -203,7 +209,9 @@ def generate(args) -> list[Path]:
         images, sampler, few_step, strength = _generate_with_torch(args, seeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-              "guidance_scale": args.guidance_scale, "height": images[0].height, "width": images[0].width,
+              "guidance_scale": args.guidance_scale,
+              **({"guidance_rescale": args.guidance_rescale} if args.guidance_rescale else {}),
+              "height": images[0].height, "width": images[0].width,
               "scheduler": sampler, "scheduler_choice": args.scheduler, **({"few_step": True} if few_step else {}),
               "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
     if args.init_image is not None:  # where the image came from (paths as given), for --from-png
@@ -252,7 +260,8 @@ def _generate_with_torch(args, seeds: list[int]) -> tuple[list, str, bool, float
         pipe.use_few_step = False
     few_step = pipe.few_step_for(args.steps) is not None
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+                  guidance_rescale=args.guidance_rescale, negative_prompt=args.negative_prompt,
+                  num_images_per_prompt=args.num_images,
                   height=args.height, width=args.width,
                   generator=[torch.Generator().manual_seed(s) for s in seeds], **extra).images
     if _runtime_wanted(args):

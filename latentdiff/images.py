@@ -83,7 +83,9 @@ def parameters_text(params: dict) -> str:
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     fields = {"Steps": params["steps"], "Sampler": A1111_SAMPLERS.get(params["scheduler"], params["scheduler"]),
-              "CFG scale": params["guidance_scale"], "Seed": params["seed"],
+              "CFG scale": params["guidance_scale"],
+              **({"Rescale CFG": params["guidance_rescale"]} if params.get("guidance_rescale") else {}),
+              "Seed": params["seed"],
               "Size": f"{params['width']}x{params['height']}", "Model": params["model"],
               **({"Denoising strength": params["strength"]} if params.get("strength") is not None else {}),
               "Version": params["version"]}

@@ -83,6 +83,29 @@ def test_bad_flags_are_named_by_their_flag(tiny_dir, flag, value, message, capsy
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_guidance_rescale_changes_the_image_is_carried_in_the_png_and_is_checked(tiny_dir, tmp_path, capsys):
+    import numpy as np
+
+    from latentdiff.images import read_parameters
+
+    common = ["a red circle", "--model", str(tiny_dir), "--steps", "3", "--scheduler", "ddim", "--seed", "3"]
+    plain, rescaled, again = tmp_path / "plain.png", tmp_path / "rescaled.png", tmp_path / "again.png"
+    assert main(["generate", *common, "--out", str(plain)]) == 0
+    assert main(["generate", *common, "--out", str(rescaled), "--guidance-rescale", "0.7"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(rescaled)))
+    assert "guidance_rescale" not in read_parameters(plain)
+    assert "Rescale CFG" not in Image.open(plain).text["parameters"]
+    assert read_parameters(rescaled)["guidance_rescale"] == 0.7
+    assert "CFG scale: 7.5, Rescale CFG: 0.7, Seed: 3" in Image.open(rescaled).text["parameters"]
+    assert main(["generate", "--from-png", str(rescaled), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(rescaled)))
+    capsys.readouterr()
+    for value in ("1.5", "-0.1", "nan"):
+        assert main(["generate", *common, "--out", str(tmp_path / "x.png"), "--guidance-rescale", value]) == 2
+        assert f"--guidance-rescale must be in [0, 1], got {float(value)}" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_every_png_carries_how_it_was_made_and_can_be_made_again(tiny_dir, tmp_path, capsys):
     import numpy as np
 

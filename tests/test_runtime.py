@@ -62,10 +62,12 @@ def test_a_bundle_makes_the_torch_pipelines_images(dpm_dir, runtime_env):
     pipe = LatentDiffusionPipeline.from_pretrained(dpm_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_tracing = False
-    for steps, scale, negative in ((5, 7.5, None), (3, 4.0, "blue"), (2, 1.0, None), (20, 3.0, None)):
-        ours = runtime("a red circle", [0, 5], steps, scale, negative)
+    for steps, scale, negative, rescale in ((5, 7.5, None, 0), (3, 4.0, "blue", 0), (2, 1.0, None, 0),
+                                            (20, 3.0, None, 0), (5, 7.5, None, 0.7)):
+        ours = runtime("a red circle", [0, 5], steps, scale, negative, guidance_rescale=rescale)
         theirs = pipe("a red circle", num_inference_steps=steps, guidance_scale=scale, negative_prompt=negative,
-                      num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (0, 5)],
+                      guidance_rescale=rescale, num_images_per_prompt=2,
+                      generator=[torch.Generator().manual_seed(s) for s in (0, 5)],
                       output_type="np").images
         assert runtime.uses_few_step(steps) == (pipe.few_step_for(steps) is not None)
         difference = np.abs(ours.astype(int) - (theirs * 255).round().astype(int))

@@ -58,8 +58,10 @@ class Runtime:
 
     def __call__(self, prompt: str | list[str], seeds: list[int], steps: int, guidance_scale: float,
                  negative_prompt: str | None = None, height: int | None = None,
-                 width: int | None = None) -> np.ndarray:
-        """Images (n, H, W, 3) uint8, one per seed: of one prompt, or of a list of n prompts (one per image)."""
+                 width: int | None = None, guidance_rescale: float = 0.0) -> np.ndarray:
+        """Images (n, H, W, 3) uint8, one per seed: of one prompt, or of a list of n prompts (one per image).
+        `guidance_rescale` is φ of `diffusion.classifier_free_guidance` (the few-step student ignores it, as the
+        pipeline's embedded guidance does)."""
         c = self.config
         factor, (h0, w0) = c["vae_scale_factor"], c["sample_size"]
         height, width = height or h0 * factor, width or w0 * factor
@@ -92,6 +94,12 @@ class Runtime:
             if uncond and cond:
                 u, k = output[:n], output[n:]
                 output = u + np.float32(guidance_scale) * (k - u)
+                if guidance_rescale > 0:  # toward the conditional ε's standard deviation, per image
+                    axes = tuple(range(1, output.ndim))
+                    rescaled = output * (k.std(axis=axes, ddof=1, keepdims=True)
+                                         / output.std(axis=axes, ddof=1, keepdims=True))
+                    output = (np.float32(guidance_rescale) * rescaled
+                              + np.float32(1 - guidance_rescale) * output).astype(np.float32)
             latents = sampler.step(output, latents, generators) if few_step else sampler.step(output, latents)
             if not np.isfinite(latents).all():
                 raise FloatingPointError(f"the latents became NaN or infinite (guidance_scale {guidance_scale})")
