@@ -117,3 +117,12 @@ def guidance(text: str) -> float:
     if not (value >= 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text!r}")
     return value
+
+
+def check_rescale_applies(guidance_rescale: float, few_step: bool, steps: int) -> None:
+    """--guidance-rescale acts on classifier-free guidance; the few-step student's embedded guidance has none."""
+    if guidance_rescale and few_step:
+        raise ValueError(f"--guidance-rescale needs classifier-free guidance, which the few-step weights used at "
+                         f"--steps {steps} do not run (give --scheduler to sample the model itself), "
+                         f"got {guidance_rescale}")
+

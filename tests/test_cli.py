@@ -104,6 +104,12 @@ def test_guidance_rescale_changes_the_image_is_carried_in_the_png_and_is_checked
         assert main(["generate", *common, "--out", str(tmp_path / "x.png"), "--guidance-rescale", value]) == 2
         assert f"--guidance-rescale must be in [0, 1], got {float(value)}" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    # the shipped model's few-step weights at --steps 4 have no classifier-free guidance to rescale
+    assert main(["generate", "a tiger", "--steps", "4", "--out", str(tmp_path / "x.png"),
+                 "--guidance-rescale", "0.7"]) == 2
+    assert "--guidance-rescale needs classifier-free guidance, which the few-step weights used at --steps 4 do not " \
+           "run (give --scheduler to sample the model itself), got 0.7" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_every_png_carries_how_it_was_made_and_can_be_made_again(tiny_dir, tmp_path, capsys):

@@ -71,7 +71,10 @@ def test_a_bundle_makes_the_torch_pipelines_images(dpm_dir, runtime_env):
                       output_type="np").images
         assert runtime.uses_few_step(steps) == (pipe.few_step_for(steps) is not None)
         difference = np.abs(ours.astype(int) - (theirs * 255).round().astype(int))
-        assert difference.max() <= 1, (steps, scale, difference.max())
+        assert difference.max() <= 1, (steps, scale, rescale, difference.max())
+        if rescale:  # and the rescale does change the images
+            plain = runtime("a red circle", [0, 5], steps, scale, negative)
+            assert np.abs(ours.astype(int) - plain.astype(int)).max() > 1
     ids = runtime.tokenize(["a red circle", "word " * 100])
     np.testing.assert_array_equal(ids, pipe.tokenize(["a red circle", "word " * 100]).numpy())
 

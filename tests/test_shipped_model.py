@@ -74,7 +74,7 @@ def test_the_shapes_model_loads_by_name_within_its_limits_and_says_how_it_was_ma
     assert (Path(__file__).parents[1] / "pipelines" / f"{recipe['recipe']['name']}.toml").is_file()  # the project's
     unet = recipe["stages"].get("unet") or recipe["partial_stages"]["unet"]  # a sitting may end at its --time-limit
     assert unet["summary"]["steps"] > 0
-    for part in ("clip", "vae"):  # trained by the recipe; a part that missed its gate is recorded as such, with its gates
+    for part in ("clip", "vae"):  # its stage record, or the record of the part taken; a missed gate: missed_gates
         record = recipe["stages"].get(part) or recipe["missed_gates"][part]
         assert record["summary"] and record["gates"]
     pipe = LatentDiffusionPipeline.from_pretrained("shapes")
