@@ -243,8 +243,14 @@ args = ["--max-steps", "50", "--learning-rate", "1e-12", "--batch-size", "8", "-
     assert main(["run-recipe", str(second), "--out", str(run)]) == 0
     assert json.loads((run / "model" / "recipe.json").read_text())["partial_stages"]["unet"]["summary"]["steps"] == 3
     capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # run-recipe runs here: the model's record holds paths relative to this folder
     assert main(["run-recipe", str(third), "--out", str(tmp_path / "third"), "--time-limit", "0.00001"]) == 0
     assert "starts from the U-Net" not in capsys.readouterr().out
+    text = (tmp_path / "third" / "model" / "recipe.json").read_text()
+    provenance = json.loads(text)
+    assert str(tmp_path) not in text and provenance["recipe"]["unet"]["init"] == "second/model"
+    assert provenance["partial_stages"]["unet"]["initialized_from"]["folder"] == "second/model"
+    assert provenance["stages"]["vae"]["taken_from"] == "second/model"
     record = json.loads((tmp_path / "third" / "stages" / "unet.partial.json").read_text())
     assert [(s["from_step"], s["to_step"]) for s in record["summary"]["sittings"]] == [(0, 1), (1, 2)]
     assert record["initialized_from"]["folder"] == str(run / "model")

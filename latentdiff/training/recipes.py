@@ -424,4 +424,20 @@ def write_provenance(recipe: dict, out: Path) -> None:
     partial = {s: stages[f"{s}.partial"] for s in STAGES if f"{s}.partial" in stages and s not in stages}
     if partial:  # a stage stopped by its --time-limit, whose model the later stages used as it was
         provenance["partial_stages"] = partial
-    write_atomically(out / "model" / "recipe.json", json.dumps(provenance, indent=2, default=str) + "\n")
+    provenance["paths"] = "a relative path is relative to the folder run-recipe ran in"
+    write_atomically(out / "model" / "recipe.json",
+                     json.dumps(_portable(provenance, Path.cwd()), indent=2, default=str) + "\n")
+
+
+def _portable(value, base: Path):
+    """`value` with every absolute path inside `base` written relative to it, so that a model folder's record
+    does not carry the layout of the machine that made it (a shipped model is copied everywhere)."""
+    if isinstance(value, dict):
+        return {key: _portable(item, base) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_portable(item, base) for item in value]
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+        path = Path(value)
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return value
