@@ -436,7 +436,7 @@ def _portable(value, base: Path):
         return {key: _portable(item, base) for key, item in value.items()}
     if isinstance(value, list):
         return [_portable(item, base) for item in value]
-    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+    if isinstance(value, str) and value.startswith("/"):
         path = Path(value)
         if path.is_relative_to(base):
             return str(path.relative_to(base))
