@@ -239,6 +239,46 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(parts, shapes, tmp_
     assert progress["step"] == 8
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_trained_text_encoder_is_saved_and_resumes_exactly(parts, shapes, tmp_path, monkeypatch, cache):
+    """--train-text-encoder: the text encoder learns with the U-Net (its EMA saved with it), its cache holds latents
+    only, and a run killed at step 4 of 6 and resumed ends with the parameters of an uninterrupted one."""
+    from transformers import CLIPTextModel
+
+    extra = ("--train-text-encoder", "--text-encoder-lr", "3e-3", "--cache-dir", str(tmp_path / "cache"),
+             *(("--cache-latents",) if cache else ()))
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "whole", 6, *extra))
+    kill_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 6, *extra))
+    unet_training.main(_unet_args(parts, shapes, tmp_path / "split", 6, *extra, "--resume-from-checkpoint", "latest"))
+    before = CLIPTextModel.from_pretrained(parts[0] / "text_encoder").state_dict()
+    whole = LatentDiffusionPipeline.from_pretrained(tmp_path / "whole" / "model")
+    split = LatentDiffusionPipeline.from_pretrained(tmp_path / "split" / "model")
+    for part in ("unet", "text_encoder"):
+        ours = getattr(split, part).state_dict()
+        for name, tensor in getattr(whole, part).state_dict().items():
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{part}.{name}")
+    moved = max((whole.text_encoder.state_dict()[n] - t).abs().max().item() for n, t in before.items())
+    assert moved > 1e-4
+    if cache:  # one cache of latents only, shared by both runs, and no text states in it
+        from safetensors.torch import load_file
+
+        [path] = (tmp_path / "cache").glob("latents-*.safetensors")
+        assert load_file(path)["text"].numel() == 0
+
+
+def test_text_encoder_flags_are_checked(parts, shapes, tmp_path):
+    with pytest.raises(ValueError, match="--text-encoder-lr 0.001 sets the learning rate of a text encoder that "
+                                         "trains: add --train-text-encoder"):
+        unet_training.main(_unet_args(parts, shapes, tmp_path, 2, "--text-encoder-lr", "1e-3"))
+    with pytest.raises(ValueError, match="--text-encoder-lr must be > 0, got -1"):
+        unet_training.main(_unet_args(parts, shapes, tmp_path, 2, "--train-text-encoder", "--text-encoder-lr", "-1"))
+    with pytest.raises(ValueError, match="--train-text-encoder do not apply"):
+        unet_training.main(["--data", str(shapes), "--model", str(parts[0]), "--output-dir", str(tmp_path),
+                            "--lora-rank", "4", "--train-text-encoder"])
+
+
 def test_cached_latents_give_the_same_loss(parts, shapes, tmp_path):
     model, _, _ = parts
     args = unet_training.build_parser().parse_args(["--data", str(shapes), "--model", str(model), "--preset", "tiny",

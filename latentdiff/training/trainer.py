@@ -393,7 +393,7 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
           step_fn: Callable[[dict], tuple[torch.Tensor, dict]], ema=None, on_step: Callable[[int], None] | None = None,
           progress: Progress | None = None) -> Progress:
     """Run optimizer steps until --max-steps. `models`, `optimizer`, `lr_scheduler` and `loader` are already
-    prepared; `step_fn(batch) → (loss, logs)`; `ema` (diffusers EMAModel) follows the first model; `on_step(step)`
+    prepared; `step_fn(batch) → (loss, logs)`; `ema` (diffusers EMAModel) follows the models' parameters, in order; `on_step(step)`
     runs after each optimizer step (validation …)."""
     progress = progress or Progress()
     if not resume(accelerator, args, progress, ema):
@@ -452,7 +452,7 @@ def train(accelerator: Accelerator, args, models: list[torch.nn.Module], optimiz
             bad_in_a_row = 0
             lr_scheduler.step()
             if ema is not None:
-                ema.step(accelerator.unwrap_model(models[0]).parameters())
+                ema.step([p for m in models for p in accelerator.unwrap_model(m).parameters()])
             progress.step += 1
             mean_loss = sum(running) / len(running)
             running.clear()

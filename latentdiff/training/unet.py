@@ -12,6 +12,9 @@ caption) into a safetensors file named by a hash of the VAE's encoder side, text
 it is reused across epochs and runs and never used for another model or data set. The main process builds it
 while the others wait (keep --cache-dir on a shared disk for several machines; build it once beforehand with a
 single process for very large data, where the wait could pass the process group's timeout).
+--train-text-encoder trains the text encoder with the U-Net on the diffusion loss (as LDM trained its text
+transformer jointly, and as diffusers' DreamBooth scripts do with --train_text_encoder), at --text-encoder-lr; the
+EMA then follows both, and both are saved. Its cache holds latents only: the text states change every step.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ def _fingerprint(*modules: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
 
 def encoders_fingerprint(vae, text_encoder, tokenizer) -> str:
     """What a cache of latents and text states depends on besides the data: the VAE's encoder side (a fine-tuned
-    decoder, train_vae --finetune-decoder, keeps the cache), the text encoder, and the tokenizer's vocabulary,
-    merges, normalisation and context (not the padding and truncation a previous call left set on it)."""
+    decoder, train_vae --finetune-decoder, keeps the cache), the text encoder (None: a cache of latents only), and
+    the tokenizer's vocabulary, merges, normalisation and context (not the padding and truncation a previous call
+    left set on it)."""
     digest = hashlib.sha256()
     digest.update(_fingerprint(vae, skip=("decoder.", "post_quant_conv.")).encode())
-    digest.update(_fingerprint(text_encoder).encode())
+    digest.update(b"latents only" if text_encoder is None else _fingerprint(text_encoder).encode())
     backend = {k: v for k, v in json.loads(tokenizer.backend_tokenizer.to_str()).items()
                if k not in ("padding", "truncation")}
     digest.update(json.dumps(backend, sort_keys=True).encode())
@@ -80,13 +84,23 @@ def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolutio
     return cache_dir / f"latents-{digest.hexdigest()[:24]}.safetensors"
 
 
+def _caption_groups(dataset) -> list[list[str]]:
+    return [[c] if isinstance(c, str) else list(c) for c in dataset.captions]
+
+
+def cache_texts(dataset) -> list[str]:
+    """The distinct captions of `dataset`, "" first, in the order a cache numbers them (its `caption_ids`)."""
+    return list(dict.fromkeys([""] + [t for group in _caption_groups(dataset) for t in group]))
+
+
 @torch.no_grad()
 def build_cache(path: Path, dataset, vae, text_encoder, tokenizer, device, batch_size: int = 32) -> None:
-    """Encode every image (posterior mean, std) and every distinct caption ("" first) once, to `path`."""
+    """Encode every image (posterior mean, std) and every distinct caption ("" first) once, to `path`; with
+    `text_encoder` None the captions are only numbered (cache_texts), for a text encoder that trains."""
     from safetensors.torch import save_file
 
-    captions = [[c] if isinstance(c, str) else list(c) for c in dataset.captions]
-    texts = list(dict.fromkeys([""] + [t for group in captions for t in group]))
+    captions = _caption_groups(dataset)
+    texts = cache_texts(dataset)
     text_id = {t: i for i, t in enumerate(texts)}
     means, stds, keep = [], [], []
     for rows, pixels in readable_batches(dataset, batch_size):
@@ -94,8 +108,9 @@ def build_cache(path: Path, dataset, vae, text_encoder, tokenizer, device, batch
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
         keep += rows
-    hidden = torch.cat([text_encoder(tokenize(tokenizer, texts[i: i + batch_size], device))[0].cpu()
-                        for i in range(0, len(texts), batch_size)])
+    hidden = torch.zeros(0) if text_encoder is None else torch.cat(
+        [text_encoder(tokenize(tokenizer, texts[i: i + batch_size], device))[0].cpu()
+         for i in range(0, len(texts), batch_size)])
     ids = [text_id[t] for i in keep for t in captions[i]]
     offsets = torch.tensor([0] + [len(captions[i]) for i in keep]).cumsum(0)
     tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "text": hidden.contiguous(),
@@ -133,18 +148,21 @@ class CachedLatents(torch.utils.data.Dataset):
 
 def cached_latents(accelerator, args, train_set, resolution: int, vae, text_encoder, tokenizer):
     """The training set's latent cache (--cache-dir), built by the main process when missing: a CachedLatents, or
-    for sharded data a LatentShardStream."""
+    for sharded data a LatentShardStream. `text_encoder` None: latents only, the captions numbered."""
     from ..data.shards import ShardStream
 
     cache_dir = Path(args.cache_dir or Path.home() / ".cache" / "latentdiff")
     if isinstance(train_set, ShardStream):  # sharded data: latent shards, streamed as the images would be
+        if text_encoder is None:
+            raise ValueError("--train-text-encoder with --cache-latents: latent shards hold text states, not the "
+                             "captions a training text encoder reads; drop --cache-latents for sharded data")
         from .latent_shards import latent_stream
 
         return latent_stream(accelerator, args, train_set, encoders_fingerprint(vae, text_encoder, tokenizer), vae,
                              text_encoder, tokenizer, cache_dir)
     path = cache_path(cache_dir, vae, text_encoder, tokenizer, train_set, resolution)
     if accelerator.is_main_process and not path.is_file():
-        accelerator.print(f"caching latents and text states to {path}")
+        accelerator.print(f"caching latents{'' if text_encoder is None else ' and text states'} to {path}")
         build_cache(path, train_set, vae, text_encoder, tokenizer, accelerator.device)
     accelerator.wait_for_everyone()
     return CachedLatents(path, seed=args.seed)
@@ -197,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-latents", action="store_true",
                         help="encode images and captions once and train on the cached latents and text states")
     parser.add_argument("--cache-dir", default=None, help="default: ~/.cache/latentdiff")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="train the text encoder with the U-Net on the diffusion loss (default: frozen)")
+    parser.add_argument("--text-encoder-lr", type=float, default=None,
+                        help="the text encoder's learning rate with --train-text-encoder (default: --learning-rate)")
     parser.add_argument("--validation-steps", type=int, default=0, help="sample every N steps (0: only at the end)")
     parser.add_argument("--validation-prompts", nargs="+", default=DEFAULT_PROMPTS, help="prompts of the sample grids")
     parser.add_argument("--validation-guidance", type=float, nargs=2, default=(1.0, 7.5),
@@ -230,12 +252,19 @@ def load_parts(args, device):
     return tokenizer, text_encoder.to(device), vae.to(device), clip, unet, scheduler
 
 
+def _parameters(modules) -> list[torch.nn.Parameter]:
+    """The parameters an EMA over `modules` follows, in its order (trainer.train's)."""
+    return [p for module in modules for p in module.parameters()]
+
+
 @torch.no_grad()
 def validate(args, step: int, unet, vae, text_encoder, tokenizer, scheduler, accelerator, ema=None) -> Path:
-    """Sample the validation prompts at the two guidance scales (rows) with a fixed seed; write a PNG grid."""
+    """Sample the validation prompts at the two guidance scales (rows) with a fixed seed; write a PNG grid. With
+    `ema`, with its weights: the U-Net's, and the text encoder's where it trains."""
+    trained = _parameters([unet, text_encoder] if args.train_text_encoder else [unet])
     if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
+        ema.store(trained)
+        ema.copy_to(trained)
     unet.eval()
     pipe = LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler.from_config(scheduler.config))
@@ -245,7 +274,7 @@ def validate(args, step: int, unet, vae, text_encoder, tokenizer, scheduler, acc
                  output_type="pil").images for scale in args.validation_guidance]
     unet.train()
     if ema is not None:
-        ema.restore(unet.parameters())
+        ema.restore(trained)
     path = Path(args.output_dir) / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid([im for row in rows for im in row], cols=len(args.validation_prompts)).save(path)
@@ -262,9 +291,14 @@ def check_args(args) -> None:
         raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
     if args.cache_latents and (args.random_crop or args.random_flip):
         raise ValueError("--cache-latents stores one encoding per image: drop --random-crop / --random-flip")
-    if args.lora_rank and (args.use_ema or args.prediction_type):
-        raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema and --prediction-type "
-                         "do not apply to it")
+    if args.lora_rank and (args.use_ema or args.prediction_type or args.train_text_encoder):
+        raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema, --prediction-type and "
+                         "--train-text-encoder do not apply to it")
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        raise ValueError(f"--text-encoder-lr {args.text_encoder_lr:g} sets the learning rate of a text encoder that "
+                         "trains: add --train-text-encoder")
+    if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
+        raise ValueError(f"--text-encoder-lr must be > 0, got {args.text_encoder_lr:g}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -288,13 +322,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=unet.config) if args.use_ema and not args.lora_rank else None
+    groups = [{"params": trainable}]
+    trained = [unet]  # what the EMA follows, in this order, and what the checkpoints hold
+    if args.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        groups.append({"params": list(text_encoder.parameters()), "lr": args.text_encoder_lr or args.learning_rate})
+        trained.append(text_encoder)
+    ema = EMAModel(_parameters(trained), decay=args.ema_decay) if args.use_ema and not args.lora_rank else None
 
     # 2. Data: cached latents and text states, or images and captions encoded every step.
     if args.cache_latents:
-        cached = cached_latents(accelerator, args, train_set, resolution, vae, text_encoder, tokenizer)
-        if hasattr(cached, "text"):
+        cached = cached_latents(accelerator, args, train_set, resolution, vae,
+                                None if args.train_text_encoder else text_encoder, tokenizer)
+        if args.train_text_encoder:  # the captions' token ids, numbered as the cache numbers them
+            token_table = tokenize(tokenizer, cache_texts(train_set), device)
+        elif hasattr(cached, "text"):
             text_table = cached.text.to(device)
         else:  # latent shards carry each sample's text states; "" is the dropped caption's
             with torch.no_grad():
@@ -304,15 +346,19 @@ def main(argv: list[str] | None = None) -> dict:
         loader = trainer.make_loader(train_set, args)
     if ema is not None:
         ema.to(device)
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    unet, optimizer, lr_scheduler, loader = trainer.prepare(
-        accelerator, unet, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+    *trained, optimizer, lr_scheduler, loader = trainer.prepare(
+        accelerator, *trained, optimizer, trainer.make_lr_scheduler(optimizer, args), loader=loader)
+    unet = trained[0]
+    encode = trained[1] if args.train_text_encoder else text_encoder  # the prepared (wrapped) one trains
 
     def step(batch):
         if args.cache_latents:
             size = len(batch["mean"])
             latents_fn = lambda: sample_cached_latents(batch, scaling)  # noqa: E731
-            if "text" in batch:
+            if args.train_text_encoder:
+                text_fn = lambda drop: encode(token_table[torch.where(drop.to(device), 0, batch["text_ids"])])[0]  # noqa: E731
+            elif "text" in batch:
                 text_fn = lambda drop: torch.where(drop.to(device)[:, None, None], empty_text, batch["text"])  # noqa: E731
             else:
                 text_fn = lambda drop: text_table[torch.where(drop.to(device), 0, batch["text_ids"])]  # noqa: E731
@@ -325,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             def text_fn(drop):
                 captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
-                with torch.no_grad():
-                    return text_encoder(tokenize(tokenizer, captions, device))[0]
+                with torch.set_grad_enabled(args.train_text_encoder):
+                    return encode(tokenize(tokenizer, captions, device))[0]
 
         return diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, size, args), {}
 
@@ -336,14 +382,14 @@ def main(argv: list[str] | None = None) -> dict:
         if args.validation_steps and step_number % args.validation_steps == 0 and accelerator.is_main_process:
             validate(args, step_number, raw_unet, vae, text_encoder, tokenizer, scheduler, accelerator, ema)
 
-    progress = trainer.train(accelerator, args, [unet], optimizer, lr_scheduler, loader, step, ema=ema,
+    progress = trainer.train(accelerator, args, trained, optimizer, lr_scheduler, loader, step, ema=ema,
                              on_step=on_step)
     summary = progress.summary()
     if accelerator.is_main_process:
         summary["samples"] = str(validate(args, progress.step, raw_unet, vae, text_encoder, tokenizer, scheduler,
                                           accelerator, ema))
         if ema is not None:
-            ema.copy_to(raw_unet.parameters())
+            ema.copy_to(_parameters([raw_unet, text_encoder] if args.train_text_encoder else [raw_unet]))
         if args.lora_rank:
             from peft.utils import get_peft_model_state_dict
             from diffusers.utils import convert_state_dict_to_diffusers
@@ -355,9 +401,10 @@ def main(argv: list[str] | None = None) -> dict:
             # Into the folder the frozen parts came from, only what this stage made is written: a VAE decoder
             # fine-tuned there meanwhile (the recipe's decoder stage) is not put back as it was.
             same = model_dir.resolve() == Path(args.model).resolve()
+            made = ("unet", "scheduler", *(("text_encoder",) if args.train_text_encoder else ()))
             LatentDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=raw_unet,
                                     scheduler=scheduler, clip=clip).save_pretrained(
-                model_dir, components=("unet", "scheduler") if same else None)
+                model_dir, components=made if same else None)
         trainer.write_summary(args.output_dir, summary)
     accelerator.end_training()
     return summary
