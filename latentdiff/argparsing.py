@@ -119,10 +119,22 @@ def guidance(text: str) -> float:
     return value
 
 
-def check_rescale_applies(guidance_rescale: float, few_step: bool, steps: int) -> None:
-    """--guidance-rescale acts on classifier-free guidance; the few-step student's embedded guidance has none."""
-    if guidance_rescale and few_step:
-        raise ValueError(f"--guidance-rescale needs classifier-free guidance, which the few-step weights used at "
-                         f"--steps {steps} do not run (give --scheduler to sample the model itself), "
-                         f"got {guidance_rescale}")
+def check_rescale_applies(guidance_rescale: float, few_step: bool, steps: int,
+                          guidance_interval: tuple[float, float] = (0.0, 1.0)) -> None:
+    """--guidance-rescale and --guidance-interval act on classifier-free guidance; the few-step student's embedded
+    guidance has neither."""
+    for flag, value, off in (("--guidance-rescale", guidance_rescale, 0), ("--guidance-interval",
+                                                                           tuple(guidance_interval), (0.0, 1.0))):
+        if value != off and few_step:
+            raise ValueError(f"{flag} needs classifier-free guidance, which the few-step weights used at "
+                             f"--steps {steps} do not run (give --scheduler to sample the model itself), "
+                             f"got {value}")
+
+
+def check_interval(flag: str, interval) -> tuple[float, float]:
+    """A guidance interval (start, stop) with 0 ≤ start < stop ≤ 1, as a tuple (ValueError naming `flag`)."""
+    start, stop = interval
+    if not 0 <= start < stop <= 1:
+        raise ValueError(f"{flag} must be START STOP with 0 ≤ START < STOP ≤ 1, got {start:g} {stop:g}")
+    return float(start), float(stop)
 

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
                      help="φ of Lin et al. 2024: rescale the guided ε toward the conditional one's standard "
                           "deviation, in [0, 1] (A1111/Forge's Rescale CFG; default: 0, off)")
+    gen.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("START", "STOP"),
+                     help="guide only the steps in this fraction of the sampling, e.g. 0.3 1 leaves the first 30 %% "
+                          "(the highest noise) unguided (Kynkäänniemi et al. 2024; diffusers' guider start/stop; "
+                          "default: 0 1, every step)")
     gen.add_argument("--seed", type=seed, default=None, help="seed of the initial noise; image k of --num-images "
                                                              "gets seed + k, as in AUTOMATIC1111 (default: 0)")
     gen.add_argument("--num-images", type=positive_int, default=None,
@@ -123,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "guidance_rescale": 0.0, "seed": 0, "num_images": 1}
+GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 7.5, "guidance_rescale": 0.0, "guidance_interval": (0.0, 1.0),
+                     "seed": 0, "num_images": 1}
 
 
 def generation_args(args) -> None:
@@ -158,6 +163,7 @@ def generation_args(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be an image file, got {getattr(args, flag)!r}")
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    args.guidance_interval = argparsing.check_interval("--guidance-interval", args.guidance_interval)
     if args.strength is not None and not 0 <= args.strength <= 1:
         raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
     if args.classifier is None and (args.classifier_label is not None or args.classifier_scale is not None):
@@ -199,10 +205,11 @@ def generate(args) -> list[Path]:
     if runtime is not None:
         from PIL import Image
 
-        argparsing.check_rescale_applies(args.guidance_rescale, runtime.uses_few_step(args.steps), args.steps)
+        argparsing.check_rescale_applies(args.guidance_rescale, runtime.uses_few_step(args.steps), args.steps,
+                                         args.guidance_interval)
         images = [Image.fromarray(a) for a in runtime(args.prompt, seeds, args.steps, args.guidance_scale,
                                                       args.negative_prompt, args.height, args.width,
-                                                      args.guidance_rescale)]
+                                                      args.guidance_rescale, args.guidance_interval)]
         few_step = runtime.uses_few_step(args.steps)
         sampler = "LCMScheduler" if few_step else "DPMSolverMultistepScheduler"
         strength = None
@@ -212,6 +219,7 @@ def generate(args) -> list[Path]:
     params = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
               "guidance_scale": args.guidance_scale,
               **({"guidance_rescale": args.guidance_rescale} if args.guidance_rescale else {}),
+              **({"guidance_interval": list(args.guidance_interval)} if args.guidance_interval != (0.0, 1.0) else {}),
               "height": images[0].height, "width": images[0].width,
               "scheduler": sampler, "scheduler_choice": args.scheduler, **({"few_step": True} if few_step else {}),
               "model": args.model or "emoji", "version": f"latentdiff {__version__}"}
@@ -260,9 +268,10 @@ def _generate_with_torch(args, seeds: list[int]) -> tuple[list, str, bool, float
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
         pipe.use_few_step = False
     few_step = pipe.few_step_for(args.steps) is not None
-    argparsing.check_rescale_applies(args.guidance_rescale, few_step, args.steps)
+    argparsing.check_rescale_applies(args.guidance_rescale, few_step, args.steps, args.guidance_interval)
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  guidance_rescale=args.guidance_rescale, negative_prompt=args.negative_prompt,
+                  guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
+                  negative_prompt=args.negative_prompt,
                   num_images_per_prompt=args.num_images,
                   height=args.height, width=args.width,
                   generator=[torch.Generator().manual_seed(s) for s in seeds], **extra).images

@@ -85,6 +85,8 @@ def parameters_text(params: dict) -> str:
     fields = {"Steps": params["steps"], "Sampler": A1111_SAMPLERS.get(params["scheduler"], params["scheduler"]),
               "CFG scale": params["guidance_scale"],
               **({"Rescale CFG": params["guidance_rescale"]} if params.get("guidance_rescale") else {}),
+              **({"Guidance interval": "{:g}-{:g}".format(*params["guidance_interval"])}
+                 if params.get("guidance_interval") else {}),
               "Seed": params["seed"],
               "Size": f"{params['width']}x{params['height']}", "Model": params["model"],
               **({"Denoising strength": params["strength"]} if params.get("strength") is not None else {}),

@@ -112,6 +112,33 @@ def test_guidance_rescale_changes_the_image_is_carried_in_the_png_and_is_checked
     assert not (tmp_path / "x.png").exists()
 
 
+def test_guidance_interval_is_carried_in_the_png_and_is_checked(tiny_dir, tmp_path, capsys):
+    import numpy as np
+
+    from latentdiff.images import read_parameters
+
+    common = ["a red circle", "--model", str(tiny_dir), "--steps", "4", "--scheduler", "ddim", "--seed", "3"]
+    plain, late, again = tmp_path / "plain.png", tmp_path / "late.png", tmp_path / "again.png"
+    assert main(["generate", *common, "--out", str(plain)]) == 0
+    assert main(["generate", *common, "--out", str(late), "--guidance-interval", "0.5", "1"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(late)))
+    assert "guidance_interval" not in read_parameters(plain)
+    assert read_parameters(late)["guidance_interval"] == [0.5, 1.0]
+    assert "CFG scale: 7.5, Guidance interval: 0.5-1, Seed: 3" in Image.open(late).text["parameters"]
+    assert main(["generate", "--from-png", str(late), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(late)))
+    capsys.readouterr()
+    for start, stop in (("0.5", "0.5"), ("-0.1", "1"), ("0", "1.5")):
+        assert main(["generate", *common, "--out", str(tmp_path / "x.png"), "--guidance-interval", start, stop]) == 2
+        assert (f"--guidance-interval must be START STOP with 0 ≤ START < STOP ≤ 1, got {float(start):g} "
+                f"{float(stop):g}") in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    assert main(["generate", "a tiger", "--steps", "4", "--out", str(tmp_path / "x.png"),
+                 "--guidance-interval", "0.3", "1"]) == 2
+    assert "--guidance-interval needs classifier-free guidance, which the few-step weights used at --steps 4 do " \
+           "not run (give --scheduler to sample the model itself), got (0.3, 1.0)" in capsys.readouterr().err
+
+
 def test_every_png_carries_how_it_was_made_and_can_be_made_again(tiny_dir, tmp_path, capsys):
     import numpy as np
 

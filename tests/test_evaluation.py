@@ -193,6 +193,14 @@ def test_guidance_rescale_changes_only_the_guided_images_and_is_reported(model, 
     assert abs(rescaled["scales"][1]["clip_score"] - plain["scales"][1]["clip_score"]) > 1e-3  # at 7.5
 
 
+def test_a_guidance_interval_changes_only_the_guided_images_and_is_reported(model, prompts, tmp_path):
+    plain = eval_main(_run(model, prompts, tmp_path / "plain", max_prompts=4))
+    late = eval_main(_run(model, prompts, tmp_path / "late", "--guidance-interval", "0.5", "1", max_prompts=4))
+    assert plain["guidance_interval"] == [0, 1] and late["guidance_interval"] == [0.5, 1]
+    assert late["scales"][0]["clip_score"] == pytest.approx(plain["scales"][0]["clip_score"], abs=1e-4)  # at 1
+    assert abs(late["scales"][1]["clip_score"] - plain["scales"][1]["clip_score"]) > 1e-3  # at 7.5
+
+
 def test_reference_images_can_be_any_image_folder(model, tmp_path):
     (tmp_path / "prompts.txt").write_text("a tiger\na red apple\n")
     reference = tmp_path / "real"

@@ -83,6 +83,23 @@ def test_guidance_scale_one_and_zero_are_the_conditional_and_unconditional_model
                                          output_type="np").images, atol=1e-6)
 
 
+def test_a_guidance_interval_guides_only_its_steps(tiny_pipe):
+    """guidance_interval=(0, 0.5) over 4 steps guides steps 0 and 1 (int(start·N) ≤ i < int(stop·N), diffusers'
+    guiders' count) and samples with ε_c after: the image a step callback gives by setting s = 1 after step 1."""
+    run = lambda **kw: tiny_pipe("a tiger", num_inference_steps=4, generator=seeded(), output_type="np", **kw).images  # noqa: E731
+
+    def scale_one_after_step_1(pipe, i, t, tensors):
+        if i == 1:
+            pipe._guidance_scale = 1.0
+        return tensors
+
+    halved = run(guidance_interval=(0.0, 0.5))
+    np.testing.assert_allclose(halved, run(callback_on_step_end=scale_one_after_step_1), atol=1e-5)
+    np.testing.assert_array_equal(run(guidance_interval=(0, 1)), run())
+    for other in (run(), run(guidance_scale=1.0), run(guidance_interval=(0.5, 1.0))):
+        assert np.abs(halved - other).max() > 1e-3
+
+
 @pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
 def test_any_diffusers_scheduler_drops_in(tiny_pipe, scheduler_cls):
     tiny_pipe.scheduler = scheduler_cls.from_config(tiny_pipe.scheduler.config)
@@ -136,6 +153,9 @@ BAD_CALLS = [
     (dict(guidance_scale=math.inf), ValueError, "guidance_scale must be a finite number ≥ 0, got inf"),
     (dict(guidance_scale=-1.0), ValueError, "guidance_scale must be a finite number ≥ 0, got -1.0"),
     (dict(guidance_rescale=2.0), ValueError, r"guidance_rescale must be in \[0, 1\], got 2.0"),
+    (dict(guidance_interval=(0.5, 0.5)), ValueError,
+     r"guidance_interval must be \(start, stop\) with 0 ≤ start < stop ≤ 1, got \(0.5, 0.5\)"),
+    (dict(guidance_interval=0.3), ValueError, r"guidance_interval must be \(start, stop\).*got 0.3"),
     (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError,
      r"negative_prompt must be one string or one per prompt \(2\), got 3"),
     (dict(generator=[torch.Generator()] * 3), ValueError,

@@ -62,17 +62,19 @@ def test_a_bundle_makes_the_torch_pipelines_images(dpm_dir, runtime_env):
     pipe = LatentDiffusionPipeline.from_pretrained(dpm_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_tracing = False
-    for steps, scale, negative, rescale in ((5, 7.5, None, 0), (3, 4.0, "blue", 0), (2, 1.0, None, 0),
-                                            (20, 3.0, None, 0), (5, 7.5, None, 0.7)):
-        ours = runtime("a red circle", [0, 5], steps, scale, negative, guidance_rescale=rescale)
+    for steps, scale, negative, rescale, interval in (
+            (5, 7.5, None, 0, (0, 1)), (3, 4.0, "blue", 0, (0, 1)), (2, 1.0, None, 0, (0, 1)),
+            (20, 3.0, None, 0, (0, 1)), (5, 7.5, None, 0.7, (0, 1)), (5, 7.5, None, 0, (0.4, 1))):
+        ours = runtime("a red circle", [0, 5], steps, scale, negative, guidance_rescale=rescale,
+                       guidance_interval=interval)
         theirs = pipe("a red circle", num_inference_steps=steps, guidance_scale=scale, negative_prompt=negative,
-                      guidance_rescale=rescale, num_images_per_prompt=2,
+                      guidance_rescale=rescale, guidance_interval=interval, num_images_per_prompt=2,
                       generator=[torch.Generator().manual_seed(s) for s in (0, 5)],
                       output_type="np").images
         assert runtime.uses_few_step(steps) == (pipe.few_step_for(steps) is not None)
         difference = np.abs(ours.astype(int) - (theirs * 255).round().astype(int))
         assert difference.max() <= 1, (steps, scale, rescale, difference.max())
-        if rescale:  # and the rescale does change the images
+        if rescale or interval != (0, 1):  # and they do change the images
             plain = runtime("a red circle", [0, 5], steps, scale, negative)
             assert np.abs(ours.astype(int) - plain.astype(int)).max() > 1
     ids = runtime.tokenize(["a red circle", "word " * 100])

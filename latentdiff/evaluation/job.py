@@ -41,6 +41,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                         help="φ of Lin et al. 2024 at every scale: rescale the guided ε toward the conditional one's "
                              "standard deviation, in [0, 1] (default: 0, off)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "STOP"),
+                        help="at every scale, guide only the steps in this fraction of the sampling (0.3 1: the "
+                             "first 30 %% unguided, Kynkäänniemi et al. 2024; default: 0 1, every step)")
     parser.add_argument("--steps", type=argparsing.positive_int, default=25, help="sampling steps per image")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None,
                         help="sampler (default: the model's own; with --steps at most 8 on a model with few-step "
@@ -91,7 +94,8 @@ def generate(pipe, prompts: list[ev.Prompt], indices: list[int], scale: float, a
         chunk = indices[start: start + per_batch]
         generators = [torch.Generator().manual_seed(ev.image_seed(args.seed, i, k)) for i in chunk for k in range(n)]
         images = pipe([prompts[i].text for i in chunk], guidance_scale=scale,
-                      guidance_rescale=args.guidance_rescale, num_inference_steps=args.steps,
+                      guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
+                      num_inference_steps=args.steps,
                       num_images_per_prompt=n, generator=generators).images
         out += [(i, k, images[j * n + k]) for j, i in enumerate(chunk) for k in range(n)]
     return out
@@ -199,6 +203,7 @@ def check_args(args) -> list[float]:
         ev.check_inception_available()
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    args.guidance_interval = argparsing.check_interval("--guidance-interval", args.guidance_interval)
     if args.diversity < 0:
         raise ValueError(f"--diversity must be ≥ 0, got {args.diversity}")
     for name in ("max_prompts", "sample_prompts"):
@@ -298,7 +303,7 @@ def diversity(pipe, prompts: list[ev.Prompt], scale: float, args) -> dict | None
         generators = [torch.Generator().manual_seed(ev.image_seed(args.seed + 1, i, k))
                       for k in range(args.diversity_seeds)]
         images = pipe(prompts[i].text, guidance_scale=scale, guidance_rescale=args.guidance_rescale,
-                      num_inference_steps=args.steps,
+                      guidance_interval=args.guidance_interval, num_inference_steps=args.steps,
                       num_images_per_prompt=args.diversity_seeds, generator=generators).images
         per_prompt.append(len({ev.layout(im) for im in images}))
     return {"prompts": len(chosen), "seeds": args.diversity_seeds,
@@ -367,7 +372,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
         pipe.use_few_step = False
     few_step = pipe.few_step_for(args.steps) is not None
-    argparsing.check_rescale_applies(args.guidance_rescale, few_step, args.steps)
+    argparsing.check_rescale_applies(args.guidance_rescale, few_step, args.steps, args.guidance_interval)
     pipe.set_progress_bar_config(disable=True)
     judge = ev.Judge(judge_spec, state.device) if judge_spec is not None else None
     real_images, real_captions = reference_images(args, dataset) if state.is_main_process and judge else ([], None)
@@ -422,7 +427,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
     report = {"out": str(out), "model": str(model_dir), "judge": judge_spec and str(judge_spec), "prompts": len(prompts),
               "steps": args.steps, "scheduler": "LCMScheduler" if few_step else type(pipe.scheduler).__name__,
               "few_step": few_step, "dtype": args.dtype, "seed": args.seed,
-              "guidance_rescale": args.guidance_rescale, "images_per_prompt": args.images_per_prompt,
+              "guidance_rescale": args.guidance_rescale, "guidance_interval": list(args.guidance_interval),
+              "images_per_prompt": args.images_per_prompt,
               "processes": state.num_processes, "scales": rows}
     if reference is None:
         report["fd_note"] = fd_note

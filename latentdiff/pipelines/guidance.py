@@ -20,10 +20,14 @@ class ClassifierFreeGuidance:
     """ε̂ = ε_u + s (ε_c − ε_u) (Ho & Salimans 2022, with s = w + 1), rescaled by φ = `rescale` (Lin et al. 2024).
 
     s = 1 needs only the conditional pass and s = 0 only the unconditional one; any other s needs both.
+    `interval` (start, stop): guidance applies only at the steps i of N with int(start·N) ≤ i < int(stop·N), as
+    diffusers' guiders count them; elsewhere ε̂ = ε_c. Guidance at high noise (the first steps) is what costs
+    diversity and breaks counts (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval").
     """
 
     scale: float = 7.5
     rescale: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
     uncond: bool = field(init=False)
     cond: bool = field(init=False)
 
@@ -34,11 +38,17 @@ class ClassifierFreeGuidance:
     def passes(self) -> int:
         return int(self.uncond) + int(self.cond)
 
-    def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        """ε̂ from the batched output of the passes ([uncond; cond] when both)."""
+    def applies(self, step: int, steps: int) -> bool:
+        """Whether step `step` (0-based) of `steps` lies in the guidance interval."""
+        return int(self.interval[0] * steps) <= step < int(self.interval[1] * steps)
+
+    def __call__(self, output: torch.Tensor, step: int = 0, steps: int = 1) -> torch.Tensor:
+        """ε̂ at step `step` of `steps` from the batched output of the passes ([uncond; cond] when both)."""
         if self.passes == 1:
             return output
         uncond, cond = output.chunk(2)
+        if not self.applies(step, steps):
+            return cond
         return diffusion.classifier_free_guidance(uncond, cond, self.scale, self.rescale)
 
 
@@ -49,11 +59,12 @@ class EmbeddedGuidance:
 
     scale: float = 7.5
     rescale: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
     uncond: bool = field(default=False, init=False)
     cond: bool = field(default=True, init=False)
     passes: int = field(default=1, init=False)
 
-    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: torch.Tensor, step: int = 0, steps: int = 1) -> torch.Tensor:
         return output
 
     def timestep_cond(self, batch: int, dim: int, device, dtype) -> torch.Tensor:

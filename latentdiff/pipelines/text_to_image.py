@@ -397,7 +397,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                                 added_cond_kwargs=state.added_cond_kwargs, return_dict=False)[0].float()
             else:
                 output = unet(model_input.to(unet_dtype), t, embeds, *extra).float()
-            guided = guidance(output)
+            guided = guidance(output, i, len(timesteps))
             if classifier_guidance is not None:  # x_t as the U-Net saw it: the scaled input, one row per image
                 guided = classifier_guidance(guided, model_input[-len(latents):], t)
             latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
@@ -482,7 +482,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
                      prompt_embeds=None, negative_prompt_embeds=None, guidance_rescale=0.0, eta=0.0,
                      num_images_per_prompt=1, output_type="pil", generator=None, latents=None, timesteps=None,
                      sigmas=None, callback_on_step_end_tensor_inputs=None, ip_adapter_image=None,
-                     ip_adapter_image_embeds=None) -> int:
+                     ip_adapter_image_embeds=None, guidance_interval=(0.0, 1.0)) -> int:
         """Validate the arguments of __call__, naming the argument, the rule and the value; return the number of
         prompts."""
         if (prompt is None) == (prompt_embeds is None):
@@ -519,6 +519,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
             raise ValueError(f"guidance_scale must be a finite number ≥ 0, got {guidance_scale!r}")
         if not isinstance(guidance_rescale, Real) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        _check_interval(guidance_interval)
         if isinstance(eta, bool) or not isinstance(eta, Real) or not 0 <= eta <= 1:
             raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         if output_type not in OUTPUT_TYPES:
@@ -615,6 +616,7 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         return_dict: bool = True,
         cross_attention_kwargs: dict | None = None,
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -642,6 +644,10 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         cross_attention_kwargs: passed to the U-Net's attention processors ({"scale": s} scales LoRA layers).
         guidance_rescale: φ of Lin et al. 2024 (0 = off). clip_skip: use the text states that many layers before
             the last.
+        guidance_interval: (start, stop), fractions of the sampling steps: guidance applies at the steps i of N with
+            int(start·N) ≤ i < int(stop·N) (diffusers' guiders' start/stop) and ε̂ = ε_c at the others; (0.3, 1)
+            leaves the first 30 % (the highest noise) unguided (Kynkäänniemi et al. 2024). Not for weights with
+            guidance distilled in.
         callback_on_step_end(pipe, i, t, tensors) → tensors: called after each step with the tensors named in
             callback_on_step_end_tensor_inputs (of `pipe._callback_tensor_inputs`); the ones it returns replace
             them; `pipe._interrupt = True` stops sampling there, `pipe._guidance_scale` changes s for later steps.
@@ -656,13 +662,18 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         prompts = self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
                                     prompt_embeds, negative_prompt_embeds, guidance_rescale, eta,
                                     num_images_per_prompt, output_type, generator, latents, timesteps, sigmas,
-                                    callback_on_step_end_tensor_inputs, ip_adapter_image, ip_adapter_image_embeds)
+                                    callback_on_step_end_tensor_inputs, ip_adapter_image, ip_adapter_image_embeds,
+                                    guidance_interval)
         state = self._call_state()
         image_prompt = ip_adapter_image is not None or ip_adapter_image_embeds is not None
         few_step = self.few_step_for(num_inference_steps, timesteps, sigmas, cross_attention_kwargs, image_prompt)
         state.unet = unet = few_step.unet(self.unet) if few_step is not None else self.unet
         embedded = unet.config.time_cond_proj_dim is not None
-        guidance = (EmbeddedGuidance if embedded else ClassifierFreeGuidance)(guidance_scale, guidance_rescale)
+        if embedded and tuple(guidance_interval) != (0.0, 1.0):
+            raise ValueError(f"guidance_interval needs classifier-free guidance; these weights have guidance distilled "
+                             f"into one pass (few-step), got {tuple(guidance_interval)}")
+        guidance = (EmbeddedGuidance if embedded else ClassifierFreeGuidance)(guidance_scale, guidance_rescale,
+                                                                               tuple(guidance_interval))
         state.guidance, state.clip_skip, state.interrupt = guidance, clip_skip, False
         state.cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
         device = self._execution_device
@@ -744,6 +755,13 @@ def _lora_scaled(text_encoder, scale: float | None):
 def _per_image(embeds: torch.Tensor | None, n: int, device, dtype) -> torch.Tensor | None:
     """Each prompt's rows repeated n times, in order (prompt 0's n rows first)."""
     return None if embeds is None else embeds.to(device=device, dtype=dtype).repeat_interleave(n, dim=0)
+
+
+def _check_interval(interval) -> None:
+    if not (isinstance(interval, (tuple, list)) and len(interval) == 2
+            and all(isinstance(v, Real) and not isinstance(v, bool) for v in interval)
+            and 0 <= interval[0] < interval[1] <= 1):
+        raise ValueError(f"guidance_interval must be (start, stop) with 0 ≤ start < stop ≤ 1, got {interval!r}")
 
 
 def _check_finite(tensor: torch.Tensor, what: str, guidance_scale: float) -> None:

@@ -58,10 +58,12 @@ class Runtime:
 
     def __call__(self, prompt: str | list[str], seeds: list[int], steps: int, guidance_scale: float,
                  negative_prompt: str | None = None, height: int | None = None,
-                 width: int | None = None, guidance_rescale: float = 0.0) -> np.ndarray:
+                 width: int | None = None, guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
         """Images (n, H, W, 3) uint8, one per seed: of one prompt, or of a list of n prompts (one per image).
-        `guidance_rescale` is φ of `diffusion.classifier_free_guidance` (the few-step student ignores it, as the
-        pipeline's embedded guidance does)."""
+        `guidance_rescale` is φ of `diffusion.classifier_free_guidance` and `guidance_interval` the fraction of the
+        steps that are guided, as the pipeline's (the few-step student ignores both, as the pipeline's embedded
+        guidance does)."""
         c = self.config
         factor, (h0, w0) = c["vae_scale_factor"], c["sample_size"]
         height, width = height or h0 * factor, width or w0 * factor
@@ -87,11 +89,14 @@ class Runtime:
             sampler = DPMSolverPP(schedule["timesteps"], schedule["sigmas"], c["dpm"]["config"])
             latents = latents * np.float32(c["dpm"]["init_noise_sigma"])
             extra = ()
-        for t in sampler.timesteps:
+        first, stop = (int(f * len(sampler.timesteps)) for f in guidance_interval)
+        for i, t in enumerate(sampler.timesteps):
             model_input = np.concatenate([latents] * (int(uncond) + int(cond)))
             output = self._run("student" if few_step else "unet", model_input, np.asarray(t, dtype=np.int64),
                                embeds, *extra).astype(np.float32)
-            if uncond and cond:
+            if uncond and cond and not first <= i < stop:
+                output = output[n:]
+            elif uncond and cond:
                 u, k = output[:n], output[n:]
                 output = u + np.float32(guidance_scale) * (k - u)
                 if guidance_rescale > 0:  # toward the conditional ε's standard deviation, per image
