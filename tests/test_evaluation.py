@@ -389,3 +389,63 @@ def test_a_model_without_a_judge_is_scored_by_the_oracle_alone(model, prompts, t
     (tmp_path / "p.txt").write_text("a tiger\n")
     with pytest.raises(ValueError, match="--judge: the model folder .* has no clip/ to judge with"):
         eval_main(_run(tmp_path / "nojudge", tmp_path / "p.txt", tmp_path / "r2", max_prompts=1))
+
+
+class _ReadsOneCaption:
+    """A stand-in pipeline whose U-Net denoises exactly under one caption (`favourite`) and is 0.1 off under any
+    other: latents are all zero, so ε = x_t / √(1 − ᾱ_t) is known without the noise."""
+
+    def __init__(self, favourite: str):
+        from types import SimpleNamespace
+
+        from latentdiff.schedulers import DDPMScheduler
+
+        self.favourite, self._execution_device = favourite, "cpu"
+        self.scheduler = DDPMScheduler()
+        zero = SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.zeros(1, 4, 4, 4)))
+        self.vae = SimpleNamespace(encode=lambda x: zero, dtype=torch.float32,
+                                   config=SimpleNamespace(scaling_factor=1.0))
+        schedule = self.scheduler.schedule
+
+        def unet(x, t, encoder_hidden_states):
+            eps = x / (1 - schedule.alpha_bar(t, x)).sqrt()
+            return SimpleNamespace(sample=eps + 0.1 * encoder_hidden_states[:, :1, :1, None])
+
+        self.unet = unet
+        self.unet.dtype = torch.float32
+
+    def encode_prompt(self, texts, device, n, guided):
+        return torch.tensor([[[0.0 if t == self.favourite else 1.0]] for t in texts]), None
+
+
+def test_the_diffusion_classifier_picks_the_caption_the_model_denoises_best():
+    from latentdiff.data.shapes import hard_negatives
+    from latentdiff.evaluation.diffusion_classifier import hard_negative_accuracy
+
+    caption = "a red circle above a blue square"
+    images = torch.zeros(1, 3, 8, 8)
+    right = hard_negative_accuracy(_ReadsOneCaption(caption), images, [caption], draws=4)
+    assert right == {"swap": 1.0, "opposite": 1.0, "all": 1.0, "swap_images": 1, "opposite_images": 1,
+                     "all_images": 1}
+    turned = hard_negatives(caption)["opposite"][0]  # "a red circle below a blue square"
+    wrong = hard_negative_accuracy(_ReadsOneCaption(turned), images, [caption], draws=4)
+    assert wrong["opposite"] == 0.0 and wrong["all"] == 0.0
+    # a caption with no negative of these kinds ("two red circles": one colour, no relation) is not counted
+    assert hard_negative_accuracy(_ReadsOneCaption(""), images, ["two red circles"], draws=4)["all_images"] == 0
+
+
+def test_hard_negatives_run_on_a_shapes_set_with_held_out_pairs_and_are_refused_elsewhere(model, prompts, tmp_path):
+    from latentdiff.cli import main
+
+    data = tmp_path / "held"
+    assert main(["data", "shapes", "--n", "20", "--size", "32", "--holdout", "red circle", "--unseen-prompts", "6",
+                 "--out", str(data)]) == 0
+    report = eval_main(["--model", str(model), "--prompts", str(data), "--out", str(tmp_path / "r"),
+                        "--guidance-scales", "1", "--steps", "2", "--max-prompts", "2", "--hard-negatives", "5"])
+    for group in ("seen", "unseen"):
+        result = report["hard_negatives"][group]
+        assert 0 < result["all_images"] <= 5 and all(v is None or 0 <= v <= 1 for k, v in result.items()
+                                                      if not k.endswith("_images"))
+    with pytest.raises(ValueError, match="--hard-negatives needs a shapes data set with held-out pairs"):
+        eval_main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "x"),
+                   "--hard-negatives", "5"])

@@ -45,6 +45,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="at every scale, guide only the steps in this fraction of the sampling (0.3 1: the "
                              "first 30 %% unguided, Kynkäänniemi et al. 2024; default: 0 1, every step)")
     parser.add_argument("--steps", type=argparsing.positive_int, default=25, help="sampling steps per image")
+    parser.add_argument("--hard-negatives", type=int, default=0, metavar="N",
+                        help="on a shapes data set with held-out pairs: for N fresh seen scenes and N unseen ones, "
+                             "does the model's denoising error rate the true caption above captions with the binding "
+                             "swapped or the relation turned round? (diffusion classifier; default: 0, off)")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpm++"), default=None,
                         help="sampler (default: the model's own; with --steps at most 8 on a model with few-step "
                              "weights, those weights and LCMScheduler). A scheduler named here always samples the "
@@ -204,6 +208,13 @@ def check_args(args) -> list[float]:
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     args.guidance_interval = argparsing.check_interval("--guidance-interval", args.guidance_interval)
+    if args.hard_negatives < 0:
+        raise ValueError(f"--hard-negatives must be ≥ 0 (images per group; 0: off), got {args.hard_negatives}")
+    from ..data.shapes import read_split
+
+    if args.hard_negatives and not (Path(args.prompts).is_dir() and read_split(args.prompts)):
+        raise ValueError(f"--hard-negatives needs a shapes data set with held-out pairs as --prompts (its split.json), "
+                         f"got {args.prompts!r}")
     if args.diversity < 0:
         raise ValueError(f"--diversity must be ≥ 0, got {args.diversity}")
     for name in ("max_prompts", "sample_prompts"):
@@ -437,8 +448,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
                             "unseen": sum(p.group == "unseen" for p in prompts)}
     if reference is not None and real_captions is not None:
         report["judge_on_reference"] = judge_reference(judge, reference, real_captions)
+    if args.hard_negatives:
+        report["hard_negatives"] = text_hard_negatives(pipe, args)
     write_tables(out, report, per_image)
     return _finish(state, report)
+
+
+def text_hard_negatives(pipe, args) -> dict:
+    """The diffusion classifier's hard-negative accuracy on fresh seen scenes and on unseen ones (per group)."""
+    from .diffusion_classifier import hard_negative_accuracy, shapes_test_images
+
+    started, result = time.time(), {}
+    for group, (images, captions) in shapes_test_images(args.prompts, args.hard_negatives, args.seed).items():
+        result[group] = hard_negative_accuracy(pipe, images, captions, seed=args.seed)
+        print(f"hard negatives, {group}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[group].items()
+                                                       if isinstance(v, float)))
+    return {**result, "seconds": round(time.time() - started, 1)}
 
 
 def _finish(state, report: dict | None) -> dict | None:
