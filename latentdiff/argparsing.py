@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from numbers import Real
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "sde", "ode", "pc")  # the short names `latentdiff.schedulers.scheduler_class` takes
 
@@ -119,7 +120,7 @@ def guidance(text: str) -> float:
     return value
 
 
-def check_rescale_applies(guidance_rescale: float, few_step: bool, steps: int,
+def check_guidance_options_apply(guidance_rescale: float, few_step: bool, steps: int,
                           guidance_interval: tuple[float, float] = (0.0, 1.0)) -> None:
     """--guidance-rescale and --guidance-interval act on classifier-free guidance; the few-step student's embedded
     guidance has neither."""
@@ -131,10 +132,16 @@ def check_rescale_applies(guidance_rescale: float, few_step: bool, steps: int,
                              f"got {value}")
 
 
+def valid_interval(interval) -> bool:
+    """Whether `interval` is a guidance interval: two numbers (start, stop) with 0 ≤ start < stop ≤ 1."""
+    return (isinstance(interval, (tuple, list)) and len(interval) == 2
+            and all(isinstance(v, Real) and not isinstance(v, bool) for v in interval)
+            and 0 <= interval[0] < interval[1] <= 1)
+
+
 def check_interval(flag: str, interval) -> tuple[float, float]:
-    """A guidance interval (start, stop) with 0 ≤ start < stop ≤ 1, as a tuple (ValueError naming `flag`)."""
-    start, stop = interval
-    if not 0 <= start < stop <= 1:
-        raise ValueError(f"{flag} must be START STOP with 0 ≤ START < STOP ≤ 1, got {start:g} {stop:g}")
-    return float(start), float(stop)
+    """A guidance interval (start, stop) given as `flag START STOP`, as a tuple (ValueError naming `flag`)."""
+    if not valid_interval(interval):
+        raise ValueError(f"{flag} must be START STOP with 0 ≤ START < STOP ≤ 1, got {interval[0]:g} {interval[1]:g}")
+    return float(interval[0]), float(interval[1])
 

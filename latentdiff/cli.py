@@ -205,7 +205,7 @@ def generate(args) -> list[Path]:
     if runtime is not None:
         from PIL import Image
 
-        argparsing.check_rescale_applies(args.guidance_rescale, runtime.uses_few_step(args.steps), args.steps,
+        argparsing.check_guidance_options_apply(args.guidance_rescale, runtime.uses_few_step(args.steps), args.steps,
                                          args.guidance_interval)
         images = [Image.fromarray(a) for a in runtime(args.prompt, seeds, args.steps, args.guidance_scale,
                                                       args.negative_prompt, args.height, args.width,
@@ -268,7 +268,7 @@ def _generate_with_torch(args, seeds: list[int]) -> tuple[list, str, bool, float
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
         pipe.use_few_step = False
     few_step = pipe.few_step_for(args.steps) is not None
-    argparsing.check_rescale_applies(args.guidance_rescale, few_step, args.steps, args.guidance_interval)
+    argparsing.check_guidance_options_apply(args.guidance_rescale, few_step, args.steps, args.guidance_interval)
     images = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, guidance_interval=args.guidance_interval,
                   negative_prompt=args.negative_prompt,

@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict | None:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
         pipe.use_few_step = False
     few_step = pipe.few_step_for(args.steps) is not None
-    argparsing.check_rescale_applies(args.guidance_rescale, few_step, args.steps, args.guidance_interval)
+    argparsing.check_guidance_options_apply(args.guidance_rescale, few_step, args.steps, args.guidance_interval)
     pipe.set_progress_bar_config(disable=True)
     judge = ev.Judge(judge_spec, state.device) if judge_spec is not None else None
     real_images, real_captions = reference_images(args, dataset) if state.is_main_process and judge else ([], None)

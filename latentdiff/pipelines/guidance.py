@@ -59,7 +59,6 @@ class EmbeddedGuidance:
 
     scale: float = 7.5
     rescale: float = 0.0
-    interval: tuple[float, float] = (0.0, 1.0)
     uncond: bool = field(default=False, init=False)
     cond: bool = field(default=True, init=False)
     passes: int = field(default=1, init=False)

@@ -24,6 +24,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPToken
 
 from . import MAX_SIZE_FACTOR, _without_log_records, attention
 from .. import model_folder
+from ..argparsing import valid_interval
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from ..model_folder import save_clip_folder, vae_scale_factor
 from .few_step import FOLDER as FEW_STEP_FOLDER, FewStep
@@ -672,8 +673,8 @@ class LatentDiffusionPipeline(DiffusionPipeline, StableDiffusionMixin, StableDif
         if embedded and tuple(guidance_interval) != (0.0, 1.0):
             raise ValueError(f"guidance_interval needs classifier-free guidance; these weights have guidance distilled "
                              f"into one pass (few-step), got {tuple(guidance_interval)}")
-        guidance = (EmbeddedGuidance if embedded else ClassifierFreeGuidance)(guidance_scale, guidance_rescale,
-                                                                               tuple(guidance_interval))
+        guidance = (EmbeddedGuidance(guidance_scale, guidance_rescale) if embedded
+                    else ClassifierFreeGuidance(guidance_scale, guidance_rescale, tuple(guidance_interval)))
         state.guidance, state.clip_skip, state.interrupt = guidance, clip_skip, False
         state.cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else None
         device = self._execution_device
@@ -758,9 +759,7 @@ def _per_image(embeds: torch.Tensor | None, n: int, device, dtype) -> torch.Tens
 
 
 def _check_interval(interval) -> None:
-    if not (isinstance(interval, (tuple, list)) and len(interval) == 2
-            and all(isinstance(v, Real) and not isinstance(v, bool) for v in interval)
-            and 0 <= interval[0] < interval[1] <= 1):
+    if not valid_interval(interval):
         raise ValueError(f"guidance_interval must be (start, stop) with 0 ≤ start < stop ≤ 1, got {interval!r}")
 
 
