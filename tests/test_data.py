@@ -386,6 +386,29 @@ def test_a_held_out_pair_is_in_no_training_scene_or_caption_and_every_unseen_pro
     assert {c for c, _ in seen} == set(COLOURS) and {s for _, s in seen} == set(SHAPES)
 
 
+def test_task_weights_set_the_training_mix_and_leave_the_unseen_prompts_mix_alone(tmp_path, capsys):
+    from collections import Counter
+
+    from latentdiff.cli import main
+    from latentdiff.data.shapes import read_split, shapes_rows
+
+    out = tmp_path / "relations"
+    assert main(["data", "shapes", "--n", "400", "--size", "32", "--holdout", "red circle", "--task-weights", "0,1,3",
+                 "--unseen-prompts", "200", "--out", str(out)]) == 0
+    tasks = Counter(json.loads(line)["scene"]["task"] for line in (out / "metadata.jsonl").read_text().splitlines())
+    assert tasks["single"] == 0 and 0.65 < tasks["relation"] / 400 < 0.85, tasks
+    assert read_split(out)["task_weights"] == [0.0, 1.0, 3.0]
+    unseen = Counter(json.loads(line)["scene"]["task"] for line in (out / "unseen.jsonl").read_text().splitlines())
+    assert unseen["single"] > 20  # the default mix: evaluations of sets with other mixes compare
+    # the default weights draw the very scenes they drew before the flag existed
+    assert [m for _, m in shapes_rows(30, 32, seed=5)] == [m for _, m in shapes_rows(30, 32, 5, (), (4, 3, 3))]
+    for bad in ("1,2", "1,-1,1", "0,0,0", "a,b,c"):
+        assert main(["data", "shapes", "--n", "5", "--task-weights", bad, "--out", str(tmp_path / "x")]) == 2
+        assert f"--task-weights must be 3 comma-separated weights ≥ 0, not all 0, for single, count, relation in " \
+               f"that order (e.g. '4,3,3'), got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_held_out_fraction_is_a_seeded_set_of_new_combinations_of_seen_words(capsys):
     from latentdiff.cli import main
     from latentdiff.data.shapes import sample_holdout

@@ -88,6 +88,9 @@ RECIPE_CASES = [
     ('[data]\nkind = "shapes"\n[clip]\nargs = ["--hard-negatives", "2", "--random-flip"]\n',
      r"\[clip\] args: --hard-negatives cannot go with --random-flip"),
     ('[data]\nkind = "shapes"\n[eval]\nargs = ["--guidance-scales", "x"]\n', r"\[eval\] args: --guidance-scales must"),
+    ('[data]\nkind = "shapes"\n[eval]\nargs = ["--hard-negatives", "8"]\n',
+     r"\[eval\] args: --hard-negatives needs the recipe's data set to be shapes with held-out pairs"),
+    ('[data]\nkind = "shapes"\nargs = ["--task-weights", "1,1"]\n', r"\[data\] args: --task-weights must be 3"),
     ('[data]\nkind = "shapes"\n[clip]\nargs = ["--seed", "4294967296"]\n', r"\[clip\] args: argument --seed: must be an "
                                                                         r"integer in \[0, 2\*\*31 - 1\]"),
 ]
@@ -560,3 +563,14 @@ def test_an_interrupted_atomic_write_keeps_the_old_file_and_no_temporary_one(tmp
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
     write_atomically(target, "new")
     assert target.read_text() == "new"
+
+
+def test_a_recipe_may_ask_its_eval_for_hard_negatives_on_the_data_set_it_will_make(tmp_path):
+    # the eval's own check looked for split.json in the placeholder --prompts DATA: "needs a shapes data set with
+    # held-out pairs as --prompts (its split.json), got 'DATA'", for a recipe whose data set holds out pairs
+    from latentdiff.training.recipes import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\nkind = "shapes"\nargs = ["--holdout-fraction", "0.125"]\n'
+                      '[eval]\nargs = ["--hard-negatives", "8"]\n')
+    assert load_recipe(recipe)["eval"]["args"] == ["--hard-negatives", "8"]

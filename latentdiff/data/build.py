@@ -24,6 +24,10 @@ def add_data_commands(data: argparse.ArgumentParser) -> None:
     held.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
                       help="hold out this fraction of the 48 colour-shape pairs, chosen by --holdout-seed (default: none)")
     shapes.add_argument("--holdout-seed", type=seed, default=0, help="seed of the --holdout-fraction draw (default: 0)")
+    shapes.add_argument("--task-weights", default="4,3,3", metavar="S,C,R",
+                        help="relative weights of single-object, count and relation scenes in the set; the unseen "
+                             "prompts keep the default mix, so evaluations of sets with other mixes compare "
+                             "(default: 4,3,3)")
     shapes.add_argument("--unseen-prompts", type=positive_int, default=600,
                         help="evaluation prompts with held-out pairs, written to OUT/unseen.jsonl (default: 600)")
     emoji = kinds.add_parser("emoji", formatter_class=argparsing.HelpFormatter, help="every emoji the colour font can draw, captioned with its names")
@@ -64,6 +68,7 @@ def check_data_args(args) -> None:
 
     if not shapes.MIN_IMAGE_SIZE <= args.size <= shapes.MAX_IMAGE_SIZE:
         raise ValueError(f"--size must be from {shapes.MIN_IMAGE_SIZE} to {shapes.MAX_IMAGE_SIZE}, got {args.size}")
+    shapes.parse_task_weights(args.task_weights)
     if args.holdout is not None:
         shapes.parse_pairs(args.holdout)
     elif args.holdout_fraction is not None:
@@ -93,11 +98,13 @@ def make_data(args) -> str:
         if holdout:  # the split travels with the data set; the unseen prompts use a seed no training scene uses
             split = {"holdout": [" ".join(p) for p in holdout], "holdout_fraction": args.holdout_fraction,
                      "holdout_seed": args.holdout_seed if args.holdout_fraction is not None else None,
-                     "seed": args.seed, "unseen_prompts": "unseen.jsonl", "unseen_seed": args.seed + 1}
+                     "seed": args.seed, "task_weights": list(shapes.parse_task_weights(args.task_weights)),
+                     "unseen_prompts": "unseen.jsonl", "unseen_seed": args.seed + 1}
             unseen = shapes.unseen_prompts(args.unseen_prompts, holdout, args.size, args.seed + 1)
             extra = {shapes.SPLIT_FILE: json.dumps(split, indent=2) + "\n",
                      "unseen.jsonl": "".join(json.dumps(row) + "\n" for row in unseen)}
-        n = write_imagefolder(args.out, shapes.shapes_rows(args.n, args.size, args.seed, holdout),
+        rows = shapes.shapes_rows(args.n, args.size, args.seed, holdout, shapes.parse_task_weights(args.task_weights))
+        n = write_imagefolder(args.out, rows,
                               overwrite=args.overwrite, extra_files=extra)
         held = f"; held out {len(holdout)} pairs ({', '.join(' '.join(p) for p in holdout)})" if holdout else ""
         return f"wrote {n} shapes scenes ({args.size}x{args.size}) to {args.out}{held}"

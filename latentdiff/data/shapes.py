@@ -33,6 +33,7 @@ RELATION_PHRASES = {"above": "above", "below": "below", "left of": "to the left 
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 PLURALS = {"cross": "crosses"}  # every other shape takes "s"
 TASKS = ("single", "count", "relation")
+TASK_WEIGHTS = (4, 3, 3)  # the default mix of TASKS, and always the mix of the unseen evaluation prompts
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 512
 SPLIT_FILE = "split.json"  # a shapes data set's held-out pairs and where its unseen prompts are
 
@@ -157,9 +158,11 @@ def _boxes_in_cells(rng: random.Random, n: int, size: str, image_size: int) -> l
     return boxes
 
 
-def sample_scene(rng: random.Random, image_size: int, task: str | None = None) -> Scene:
-    """One random scene; `task` fixes the kind (default: 40% single, 30% count, 30% relation)."""
-    task = task or rng.choices(TASKS, weights=(4, 3, 3))[0]
+def sample_scene(rng: random.Random, image_size: int, task: str | None = None,
+                 task_weights: tuple[float, ...] = TASK_WEIGHTS) -> Scene:
+    """One random scene; `task` fixes the kind, else it is drawn with `task_weights`, relative weights of TASKS
+    (default: 40% single, 30% count, 30% relation)."""
+    task = task or rng.choices(TASKS, weights=task_weights)[0]
     scene = Scene(task=task, background=rng.choice(list(BACKGROUNDS)))
     jitter = lambda: rng.uniform(-0.04, 0.04)  # noqa: E731
     if task == "single":
@@ -226,11 +229,24 @@ def scene_pairs(scene: Scene) -> set[Pair]:
     return {(o.colour, o.shape) for o in scene.objects}
 
 
-def _sample_scenes(n: int, image_size: int, seed: int, keep) -> Iterator[Scene]:
+def parse_task_weights(text: str) -> tuple[float, ...]:
+    """"2,3,5" → (2.0, 3.0, 5.0): one weight ≥ 0 per task of TASKS, in that order, not all 0."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        weights = ()
+    if len(weights) != len(TASKS) or not all(w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"--task-weights must be {len(TASKS)} comma-separated weights ≥ 0, not all 0, for "
+                         f"{', '.join(TASKS)} in that order (e.g. '4,3,3'), got {text!r}")
+    return weights
+
+
+def _sample_scenes(n: int, image_size: int, seed: int, keep,
+                   task_weights: tuple[float, ...] = TASK_WEIGHTS) -> Iterator[Scene]:
     rng = random.Random(seed)
     made = 0
     while made < n:
-        scene = sample_scene(rng, image_size)
+        scene = sample_scene(rng, image_size, task_weights=task_weights)
         if keep(scene):
             made += 1
             yield scene
@@ -244,13 +260,14 @@ def _check_size(n: int, image_size: int) -> None:
         raise ValueError(f"size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}")
 
 
-def shapes_rows(n: int, image_size: int = 64, seed: int = 0, holdout: Iterable[Pair] = ()):
+def shapes_rows(n: int, image_size: int = 64, seed: int = 0, holdout: Iterable[Pair] = (),
+                task_weights: tuple[float, ...] = TASK_WEIGHTS):
     """Yield n (image, metadata) rows: metadata holds the captions (`text`) and the ground truth (`scene`).
     Deterministic for a seed. No scene holds a `holdout` (colour, shape) pair, so no image or caption shows one
-    (scenes that would are skipped, and the rest keep their draws)."""
+    (scenes that would are skipped, and the rest keep their draws). `task_weights` sets the mix of tasks."""
     _check_size(n, image_size)
     held = set(holdout)
-    for scene in _sample_scenes(n, image_size, seed, lambda s: not scene_pairs(s) & held):
+    for scene in _sample_scenes(n, image_size, seed, lambda s: not scene_pairs(s) & held, task_weights):
         yield scene.render(image_size), {"text": scene.captions(), "scene": scene.to_dict()}
 
 

@@ -198,8 +198,9 @@ def sweep_plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def check_args(args) -> list[float]:
-    """Validate the parsed flags; return the guidance scales."""
+def check_args(args, prompts_written: bool = True) -> list[float]:
+    """Validate the parsed flags; return the guidance scales. `prompts_written=False`: --prompts names a data set
+    still to be made (a recipe's), so the rules that read it wait for the run."""
     scales = parse_scales(args.guidance_scales)
     if args.inception_weights is not None:
         if not Path(args.inception_weights).is_file():
@@ -212,7 +213,7 @@ def check_args(args) -> list[float]:
         raise ValueError(f"--hard-negatives must be ≥ 0 (images per group; 0: off), got {args.hard_negatives}")
     from ..data.shapes import read_split
 
-    if args.hard_negatives and not (Path(args.prompts).is_dir() and read_split(args.prompts)):
+    if prompts_written and args.hard_negatives and not (Path(args.prompts).is_dir() and read_split(args.prompts)):
         raise ValueError(f"--hard-negatives needs a shapes data set with held-out pairs as --prompts (its split.json), "
                          f"got {args.prompts!r}")
     if args.diversity < 0:

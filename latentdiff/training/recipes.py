@@ -261,7 +261,13 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
         elif stage == "eval":
             from ..evaluation.job import check_args
 
-            check_args(parsed)
+            check_args(parsed, prompts_written=False)
+            data = recipe.get("data", {})
+            held = any(a.split("=")[0] in ("--holdout", "--holdout-fraction") for a in data.get("args", []))
+            if parsed.hard_negatives and (data.get("kind") == "emoji" or data.get("kind") == "shapes" and not held):
+                raise ValueError("--hard-negatives needs the recipe's data set to be shapes with held-out pairs "
+                                 f"([data] kind = \"shapes\" with --holdout or --holdout-fraction), got kind = "
+                                 f"{data.get('kind')!r} with args {data.get('args', [])}")
         else:
             module.check_args(parsed)
     except ValueError as error:
