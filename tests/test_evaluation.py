@@ -430,6 +430,12 @@ def test_the_diffusion_classifier_picks_the_caption_the_model_denoises_best():
     turned = hard_negatives(caption)["opposite"][0]  # "a red circle below a blue square"
     wrong = hard_negative_accuracy(_ReadsOneCaption(turned), images, [caption], draws=4)
     assert wrong["opposite"] == 0.0 and wrong["all"] == 0.0
+    # per task: a model that turns positions round but not relations is told apart from one that does both
+    caption_tasks = ["a small red circle on the left", caption]
+    reads = _ReadsOneCaption(caption)
+    split = hard_negative_accuracy(reads, torch.zeros(2, 3, 8, 8), caption_tasks, draws=4, tasks=["single", "relation"])
+    assert split["by_task"]["relation"]["opposite"] == 1.0 and split["by_task"]["single"]["opposite"] == 0.0
+    assert split["by_task"]["single"]["opposite_images"] == 1 and split["opposite"] == 0.5
     # a caption with no negative of these kinds ("two red circles": one colour, no relation) is not counted
     assert hard_negative_accuracy(_ReadsOneCaption(""), images, ["two red circles"], draws=4)["all_images"] == 0
 
@@ -445,7 +451,8 @@ def test_hard_negatives_run_on_a_shapes_set_with_held_out_pairs_and_are_refused_
     for group in ("seen", "unseen"):
         result = report["hard_negatives"][group]
         assert 0 < result["all_images"] <= 5 and all(v is None or 0 <= v <= 1 for k, v in result.items()
-                                                      if not k.endswith("_images"))
+                                                      if not k.endswith("_images") and k != "by_task")
+        assert sum(r["all_images"] for r in result["by_task"].values()) == result["all_images"]
     with pytest.raises(ValueError, match="--hard-negatives needs a shapes data set with held-out pairs"):
         eval_main(["--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "x"),
                    "--hard-negatives", "5"])

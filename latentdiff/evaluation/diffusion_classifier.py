@@ -20,11 +20,13 @@ KINDS = ("swap", "opposite")
 
 @torch.no_grad()
 def hard_negative_accuracy(pipe, images: torch.Tensor, captions: list[str], draws: int = 16, seed: int = 0,
-                           kinds: tuple[str, ...] = KINDS) -> dict:
+                           kinds: tuple[str, ...] = KINDS, tasks: list[str] | None = None) -> dict:
     """For each image (N, 3, R, R) in [−1, 1] and each kind of hard negative: is its caption's denoising error below
     that of every negative of the kind? ("all": below every negative of every kind.) The same `draws` timesteps,
     stratified over the training range, and the same noise (seeded per image) for every caption of an image, so the
-    comparison is paired. Returns the accuracy and the number of images counted, per kind."""
+    comparison is paired. Returns the accuracy and the number of images counted, per kind; with each image's
+    `tasks` ("single", "count", "relation"), the same per task too, under "by_task" (a turned relation and a turned
+    position are both "opposite", and the easy one can hide the hard one)."""
     from ..data.shapes import hard_negatives
     from ..schedulers import DDPMScheduler
 
@@ -34,6 +36,7 @@ def hard_negative_accuracy(pipe, images: torch.Tensor, captions: list[str], draw
     prediction_type = schedule.config.prediction_type
     t = ((torch.arange(draws) + 0.5) * steps / draws).long().to(device)  # (D,)
     wins: dict[str, list[bool]] = {kind: [] for kind in (*kinds, "all")}
+    task_wins: dict[str, dict[str, list[bool]]] = {}
     for index, (image, caption) in enumerate(zip(images, captions)):
         negatives = {kind: texts for kind, texts in hard_negatives(caption).items() if kind in kinds and texts}
         if not negatives:
@@ -51,19 +54,26 @@ def hard_negative_accuracy(pipe, images: torch.Tensor, captions: list[str], draw
         for state in states:  # one U-Net call per caption, over the D draws
             output = unet(noisy.to(unet.dtype), t, encoder_hidden_states=state.expand(draws, -1, -1)).sample
             errors.append((output.float() - target).pow(2).mean().item())
-        offset, beaten = 1, []
+        offset, won = 1, {}
         for kind, kind_texts in negatives.items():
-            won = errors[0] < min(errors[offset: offset + len(kind_texts)])
-            wins[kind].append(won)
-            beaten.append(won)
+            won[kind] = errors[0] < min(errors[offset: offset + len(kind_texts)])
             offset += len(kind_texts)
-        wins["all"].append(all(beaten))
+        won["all"] = all(won.values())
+        for kind, value in won.items():
+            wins[kind].append(value)
+            if tasks is not None:
+                task_wins.setdefault(tasks[index], {}).setdefault(kind, []).append(value)
+    result = _rates(wins)
+    return result | ({"by_task": {task: _rates(w) for task, w in sorted(task_wins.items())}} if tasks is not None else {})
+
+
+def _rates(wins: dict[str, list[bool]]) -> dict:
     return {kind: (sum(v) / len(v) if v else None) for kind, v in wins.items()} | {
         f"{kind}_images": len(v) for kind, v in wins.items()}
 
 
-def shapes_test_images(data_dir, n: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, list[str]]]:
-    """Images and first captions to test on, from a shapes data set with held-out pairs: "seen", n scenes freshly
+def shapes_test_images(data_dir, n: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, list[str], list[str]]]:
+    """Images, first captions and tasks to test on, from a shapes data set with held-out pairs: "seen", n scenes freshly
     drawn (seed 1 000 003 + `seed`, not the set's own) without a held-out pair, and "unseen", the first n of its
     unseen prompts' scenes, rendered; both at the set's image size."""
     import numpy as np
@@ -83,5 +93,7 @@ def shapes_test_images(data_dir, n: int, seed: int = 0) -> dict[str, tuple[torch
 
     fresh = list(shapes_rows(n, size, seed=1_000_003 + seed, holdout=holdout))
     unseen = unseen_prompts(data_dir)[:n]
-    return {"seen": (tensor([image for image, _ in fresh]), [meta["text"][0] for _, meta in fresh]),
-            "unseen": (tensor([Scene.from_dict(p.scene).render(size) for p in unseen]), [p.text for p in unseen])}
+    return {"seen": (tensor([image for image, _ in fresh]), [meta["text"][0] for _, meta in fresh],
+                     [meta["scene"]["task"] for _, meta in fresh]),
+            "unseen": (tensor([Scene.from_dict(p.scene).render(size) for p in unseen]), [p.text for p in unseen],
+                       [p.scene["task"] for p in unseen])}

@@ -460,10 +460,12 @@ def text_hard_negatives(pipe, args) -> dict:
     from .diffusion_classifier import hard_negative_accuracy, shapes_test_images
 
     started, result = time.time(), {}
-    for group, (images, captions) in shapes_test_images(args.prompts, args.hard_negatives, args.seed).items():
-        result[group] = hard_negative_accuracy(pipe, images, captions, seed=args.seed)
+    for group, (images, captions, tasks) in shapes_test_images(args.prompts, args.hard_negatives, args.seed).items():
+        result[group] = hard_negative_accuracy(pipe, images, captions, seed=args.seed, tasks=tasks)
         print(f"hard negatives, {group}: " + ", ".join(f"{k} {v:.3f}" for k, v in result[group].items()
-                                                       if isinstance(v, float)))
+                                                       if isinstance(v, float)) + "; opposite by task: " +
+              ", ".join(f"{task} {r['opposite']:.3f}" for task, r in result[group]["by_task"].items()
+                        if r["opposite"] is not None))
     return {**result, "seconds": round(time.time() - started, 1)}
 
 
