@@ -530,3 +530,50 @@ def test_vae_foreground_weight_and_the_round_trip_oracle(shapes, tmp_path):
                                  "--holdout", "8", "--foreground-weight", "5", *QUIET])
     oracle = summary["round_trip_oracle"]
     assert oracle["scenes"] == 8 and oracle["real"]["mean"] == 1.0 and 0 <= oracle["round_trip"]["mean"] <= 1
+
+
+def test_timestep_bias_draws_the_chosen_timesteps_as_often_as_its_weights_say():
+    from argparse import Namespace
+
+    from latentdiff.training.unet import build_parser, check_args, timestep_weights
+
+    args = build_parser().parse_args(["--model", "m", "--data", "d", "--output-dir", "o", "--timestep-bias", "later",
+                                      "--timestep-bias-multiplier", "3", "--timestep-bias-portion", "0.3"])
+    check_args(args)
+    weights = timestep_weights(1000, args)
+    assert weights[:700].eq(1).all() and weights[700:].eq(3).all()
+    t = torch.multinomial(weights, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((t >= 700).float().mean().item() - 0.9 / 1.6) < 0.015  # 300·3 of 700 + 300·3
+    ranged = Namespace(timestep_bias="range", timestep_bias_multiplier=2.0, timestep_bias_portion=0.25,
+                       timestep_bias_begin=100, timestep_bias_end=200)
+    assert timestep_weights(1000, ranged).sum().item() == 1100
+    assert timestep_weights(1000, build_parser().parse_args(["--model", "m", "--data", "d", "--output-dir", "o"])) is None
+    for flags, message in ((["--timestep-bias-multiplier", "2"], "needs --timestep-bias earlier, later or range"),
+                           (["--timestep-bias", "later", "--timestep-bias-portion", "0"], "must be in \\(0, 1\\]"),
+                           (["--timestep-bias", "range", "--timestep-bias-begin", "500", "--timestep-bias-end", "400"],
+                            "needs 0 ≤ --timestep-bias-begin < --timestep-bias-end, got 500 and 400")):
+        with pytest.raises(ValueError, match=message):
+            check_args(build_parser().parse_args(["--model", "m", "--data", "d", "--output-dir", "o", *flags]))
+
+
+def test_a_later_timestep_bias_trains_on_noisier_latents():
+    from argparse import Namespace
+
+    from latentdiff.schedulers import DDPMScheduler
+    from latentdiff.training.unet import diffusion_training_loss
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            seen.append(t)
+            return Namespace(sample=torch.zeros_like(x))
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    args = Namespace(uncond_prob=0.0, noise_offset=0.0, snr_gamma=None, timestep_bias="later",
+                     timestep_bias_multiplier=1000.0, timestep_bias_portion=0.1, timestep_bias_begin=0,
+                     timestep_bias_end=1000)
+    torch.manual_seed(0)
+    diffusion_training_loss(Recorder(), scheduler, lambda: torch.zeros(256, 4, 2, 2), lambda drop: torch.zeros(256, 1, 8),
+                            256, args)
+    assert (seen[0] >= 900).float().mean() > 0.95

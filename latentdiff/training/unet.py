@@ -191,12 +191,33 @@ def diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, batch_si
     noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if args.noise_offset:
         noise = noise + args.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), device=latents.device)
+    steps = noise_scheduler.config.num_train_timesteps
+    weights = timestep_weights(steps, args)
+    t = (torch.randint(0, steps, (batch_size,), device=latents.device) if weights is None
+         else torch.multinomial(weights, batch_size, replacement=True).to(latents.device))
     alpha_bar = noise_scheduler.schedule.alpha_bar(t, latents)
     noisy = diffusion.q_sample(latents, noise, alpha_bar)
     prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
     return diffusion.diffusion_loss(prediction, latents, noise, alpha_bar, noise_scheduler.config.prediction_type,
                                     args.snr_gamma)
+
+
+TIMESTEP_BIASES = ("none", "earlier", "later", "range")
+
+
+def timestep_weights(steps: int, args) -> torch.Tensor | None:
+    """Relative weights of the training timesteps under --timestep-bias (the strategies of diffusers' SDXL training
+    script): "later" multiplies the last --timestep-bias-portion of them (the noisiest, where the layout is decided)
+    by --timestep-bias-multiplier, "earlier" the first, "range" [--timestep-bias-begin, --timestep-bias-end); None
+    for uniform timesteps, drawn as without the flag."""
+    strategy = getattr(args, "timestep_bias", "none")
+    if strategy == "none" or args.timestep_bias_multiplier == 1:
+        return None
+    weights, biased = torch.ones(steps), round(args.timestep_bias_portion * steps)
+    span = {"later": slice(steps - biased, steps), "earlier": slice(0, biased),
+            "range": slice(args.timestep_bias_begin, args.timestep_bias_end)}[strategy]
+    weights[span] *= args.timestep_bias_multiplier
+    return weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to '' (default: 0.1)")
     parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
     parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise strength (0: off)")
+    parser.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default="none",
+                        help="draw some training timesteps more often: the last (later, noisiest) or first (earlier) "
+                             "--timestep-bias-portion of them, or those in a range (default: none, uniform)")
+    parser.add_argument("--timestep-bias-multiplier", type=float, default=1.0,
+                        help="how much more often the biased timesteps are drawn (default: 1.0)")
+    parser.add_argument("--timestep-bias-portion", type=float, default=0.25,
+                        help="the fraction of timesteps --timestep-bias earlier/later favours (default: 0.25)")
+    parser.add_argument("--timestep-bias-begin", type=int, default=0, help="first timestep of --timestep-bias range")
+    parser.add_argument("--timestep-bias-end", type=int, default=1000,
+                        help="end (exclusive) of --timestep-bias range (default: 1000)")
     parser.add_argument("--use-ema", action="store_true", help="keep an exponential moving average of the weights; it is what gets saved")
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
     parser.add_argument("--cache-latents", action="store_true",
@@ -297,6 +328,16 @@ def check_args(args) -> None:
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise ValueError(f"--text-encoder-lr {args.text_encoder_lr:g} sets the learning rate of a text encoder that "
                          "trains: add --train-text-encoder")
+    if not args.timestep_bias_multiplier > 0:
+        raise ValueError(f"--timestep-bias-multiplier must be > 0, got {args.timestep_bias_multiplier:g}")
+    if not 0 < args.timestep_bias_portion <= 1:
+        raise ValueError(f"--timestep-bias-portion must be in (0, 1], got {args.timestep_bias_portion:g}")
+    if args.timestep_bias == "range" and not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
+        raise ValueError("--timestep-bias range needs 0 ≤ --timestep-bias-begin < --timestep-bias-end, got "
+                         f"{args.timestep_bias_begin} and {args.timestep_bias_end}")
+    if args.timestep_bias == "none" and args.timestep_bias_multiplier != 1:
+        raise ValueError(f"--timestep-bias-multiplier {args.timestep_bias_multiplier:g} needs --timestep-bias "
+                         "earlier, later or range")
     if args.text_encoder_lr is not None and not args.text_encoder_lr > 0:
         raise ValueError(f"--text-encoder-lr must be > 0, got {args.text_encoder_lr:g}")
 
