@@ -186,20 +186,33 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor
     return x0
 
 
-def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, prediction_type: str,
+                   floor: float = 0.0) -> torch.Tensor:
     """Per-sample loss weight of Min-SNR-γ (Hang et al. 2023, eq. 9 and its v / x_0 forms).
 
     The ε-loss equals SNR · (x_0-loss) and the v-loss (SNR + 1) · (x_0-loss), so weighting the x_0-loss by
     min(SNR, γ) means weighting the ε-loss by min(SNR, γ)/SNR and the v-loss by min(SNR, γ)/(SNR + 1).
     At SNR = 0 (the last step of a zero-terminal-SNR schedule) the ε weight is its limit, 1, and the v weight is
     0 as in the paper (diffusers' training example uses min(SNR + 1, γ)/(SNR + 1) instead, which is 1 there).
+
+    `floor` > 0 raises the x_0-loss weight to at least `floor`: max(min(SNR, γ), floor), γ = ∞ when None. At the
+    noisiest timesteps, where a scene's layout is decided, the ε-loss weighs the x_0 error by SNR alone (0.005 at
+    t = 999 of SD's schedule), so what the caption says about the layout hardly moves the loss; floor 1 gives those
+    steps the x_0 weight that v-prediction's plain loss gives them (SNR + 1 ≈ 1), and leaves the rest as it was
+    (the perception-prioritised view of Choi et al. 2022: weight the content-forming, low-SNR steps up).
     """
-    if not gamma > 0:
+    if gamma is not None and not gamma > 0:
         raise ValueError(f"snr_gamma must be positive, got {gamma}")
+    if not 0 <= floor <= (gamma if gamma is not None else float("inf")):
+        raise ValueError(f"snr_floor must be in [0, snr_gamma] (the x_0 weight it raises is capped at γ), got {floor}")
     check_prediction_type(prediction_type)
     s = snr(alpha_bar)
-    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    clipped = s if gamma is None else torch.minimum(s, torch.full_like(s, gamma))
+    clipped = torch.clamp(clipped, min=floor)
     if prediction_type == "epsilon":
+        if floor > 0 and bool((s == 0).any()):
+            raise ValueError("snr_floor with epsilon prediction needs SNR > 0 at every timestep: at SNR = 0 (a "
+                             "zero-terminal-SNR schedule) the ε-loss holds no x_0 error to weigh; use v_prediction")
         return torch.where(s > 0, clipped / s, torch.ones_like(s))
     if prediction_type == "v_prediction":
         return clipped / (s + 1)
@@ -213,12 +226,14 @@ def diffusion_loss(
     alpha_bar: torch.Tensor,
     prediction_type: str = "epsilon",
     snr_gamma: float | None = None,
+    snr_floor: float = 0.0,
 ) -> torch.Tensor:
-    """L_simple = E ‖target − f_θ(x_t, t)‖² (Ho et al. 2020, eq. 14), optionally Min-SNR-γ weighted per sample."""
+    """L_simple = E ‖target − f_θ(x_t, t)‖² (Ho et al. 2020, eq. 14), optionally weighted per sample by Min-SNR-γ
+    and/or an x_0-weight floor (`min_snr_weight`)."""
     target = training_target(x0, eps, alpha_bar, prediction_type)
     per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weight(alpha_bar.float().flatten(), snr_gamma, prediction_type)
+    if snr_gamma is not None or snr_floor:
+        per_sample = per_sample * min_snr_weight(alpha_bar.float().flatten(), snr_gamma, prediction_type, snr_floor)
     return per_sample.mean()
 
 

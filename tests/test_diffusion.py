@@ -169,3 +169,25 @@ def test_score_and_classifier_guidance_are_the_same_shift():
     eps, grad = torch.randn(6), torch.randn(6)
     guided = D.classifier_guidance(eps, grad, ab, scale=2.0)
     torch.testing.assert_close(D.score_from_eps(guided, ab), D.score_from_eps(eps, ab) + 2.0 * grad)
+
+
+def test_snr_floor_raises_the_x0_weight_of_the_noisiest_timesteps_only():
+    ab = torch.tensor([0.999, 0.9, 0.5, 0.2, 0.0047], dtype=torch.float64)
+    s = ab / (1 - ab)
+    for kind, x0_weight in [("epsilon", s), ("v_prediction", s + 1), ("sample", torch.ones_like(s))]:
+        effective = D.min_snr_weight(ab, 5.0, kind, floor=1.0) * x0_weight
+        torch.testing.assert_close(effective, torch.clamp(torch.clamp(s, max=5.0), min=1.0))
+    # SNR ≥ 1: the weights of min-SNR-γ unchanged; t = 999 of SD's schedule: ε weight 1/SNR ≈ 212
+    plain, floored = D.min_snr_weight(ab, 5.0, "epsilon"), D.min_snr_weight(ab, 5.0, "epsilon", floor=1.0)
+    torch.testing.assert_close(floored[:3], plain[:3])
+    assert floored[-1].item() == pytest.approx((1 - 0.0047) / 0.0047)
+    # without γ: max(SNR, floor), i.e. plain ε-loss wherever SNR ≥ floor
+    torch.testing.assert_close(D.min_snr_weight(ab, None, "epsilon", floor=1.0)[:3], torch.ones(3, dtype=ab.dtype))
+    with pytest.raises(ValueError, match="snr_floor"):
+        D.min_snr_weight(ab, 5.0, "epsilon", floor=6.0)
+    with pytest.raises(ValueError, match="v_prediction"):
+        D.min_snr_weight(torch.tensor([0.5, 0.0]), 5.0, "epsilon", floor=1.0)
+    x0, eps = torch.randn(5, 2, 3, 3), torch.randn(5, 2, 3, 3)
+    out = eps + 1.0
+    assert D.diffusion_loss(out, x0, eps, D.broadcast_to(ab.float(), x0), snr_floor=1.0).item() == pytest.approx(
+        D.min_snr_weight(ab.float(), None, "epsilon", 1.0).mean().item(), rel=1e-5)

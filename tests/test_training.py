@@ -577,3 +577,38 @@ def test_a_later_timestep_bias_trains_on_noisier_latents():
     diffusion_training_loss(Recorder(), scheduler, lambda: torch.zeros(256, 4, 2, 2), lambda drop: torch.zeros(256, 1, 8),
                             256, args)
     assert (seen[0] >= 900).float().mean() > 0.95
+
+
+def test_snr_floor_weighs_the_noisiest_training_steps_by_their_x0_error():
+    from argparse import Namespace
+
+    from latentdiff import diffusion
+    from latentdiff.schedulers import DDPMScheduler
+    from latentdiff.training.unet import build_parser, check_args, diffusion_training_loss
+
+    seen = []
+
+    class Recorder(torch.nn.Module):  # predicts ε̂ = 0: the loss is the weighted mean of ε²
+        def forward(self, x, t, encoder_hidden_states):
+            seen.append(t)
+            return Namespace(sample=torch.zeros_like(x))
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)
+    losses = {}
+    for floor in (0.0, 1.0):
+        args = Namespace(uncond_prob=0.0, noise_offset=0.0, snr_gamma=5.0, snr_floor=floor, timestep_bias="none",
+                         timestep_bias_multiplier=1.0)
+        torch.manual_seed(0)
+        losses[floor] = diffusion_training_loss(Recorder(), scheduler, lambda: torch.zeros(64, 4, 2, 2),
+                                                lambda drop: torch.zeros(64, 1, 8), 64, args).item()
+    torch.manual_seed(0)
+    torch.rand(64), torch.zeros(64, 4, 2, 2)  # the draws before the noise: caption dropout
+    noise = torch.randn(64, 4, 2, 2)
+    alpha_bar = scheduler.schedule.alpha_bar(seen[1], noise).flatten()
+    weights = diffusion.min_snr_weight(alpha_bar, 5.0, "epsilon", 1.0)
+    assert losses[1.0] == pytest.approx((noise.pow(2).flatten(1).mean(1) * weights).mean().item(), rel=1e-5)
+    assert losses[1.0] > 5 * losses[0.0]  # the draws with SNR < 1 weigh up to 1/SNR
+    with pytest.raises(ValueError, match=r"--snr-floor must be in \[0, --snr-gamma\].*got 6"):
+        check_args(build_parser().parse_args(["--model", "m", "--data", "d", "--output-dir", "o", "--snr-gamma", "5",
+                                              "--snr-floor", "6"]))

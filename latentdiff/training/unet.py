@@ -199,7 +199,7 @@ def diffusion_training_loss(unet, noise_scheduler, latents_fn, text_fn, batch_si
     noisy = diffusion.q_sample(latents, noise, alpha_bar)
     prediction = unet(noisy, t, encoder_hidden_states=hidden).sample
     return diffusion.diffusion_loss(prediction, latents, noise, alpha_bar, noise_scheduler.config.prediction_type,
-                                    args.snr_gamma)
+                                    args.snr_gamma, getattr(args, "snr_floor", 0.0))
 
 
 TIMESTEP_BIASES = ("none", "earlier", "later", "range")
@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: the model's scheduler config")
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to '' (default: 0.1)")
     parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
+    parser.add_argument("--snr-floor", type=float, default=0.0,
+                        help="raise the x_0-loss weight to at least this at the noisiest timesteps (SNR below it), "
+                             "where the layout is decided: max(min(SNR, γ), F); 1 weighs them as v-prediction does "
+                             "(default: 0, off)")
     parser.add_argument("--noise-offset", type=float, default=0.0, help="offset noise strength (0: off)")
     parser.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default="none",
                         help="draw some training timesteps more often: the last (later, noisiest) or first (earlier) "
@@ -328,6 +332,9 @@ def check_args(args) -> None:
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise ValueError(f"--text-encoder-lr {args.text_encoder_lr:g} sets the learning rate of a text encoder that "
                          "trains: add --train-text-encoder")
+    if not 0 <= args.snr_floor <= (args.snr_gamma if args.snr_gamma is not None else float("inf")):
+        raise ValueError(f"--snr-floor must be in [0, --snr-gamma] (the x_0 weight it raises is capped at γ), got "
+                         f"{args.snr_floor:g}")
     if not args.timestep_bias_multiplier > 0:
         raise ValueError(f"--timestep-bias-multiplier must be > 0, got {args.timestep_bias_multiplier:g}")
     if not 0 < args.timestep_bias_portion <= 1:
