@@ -46,30 +46,37 @@ def turned(scene: Scene) -> Scene:
 
 
 @torch.no_grad()
+def decoded_mean_x0(pipe, captions: list[str], t: int, noises: list[torch.Tensor]) -> np.ndarray:
+    """The model's x_0 prediction at timestep t from each x_t in `noises` (pure noise, (B, C, h, w) each), under
+    the captions (guidance 1), averaged over the draws and decoded: (B, H, W, 3) in [0, 255]."""
+    hidden = pipe.encode_prompt(captions, pipe.device, 1, False)[0]
+    alpha_bar = pipe.scheduler.alphas_cumprod[t]
+    mean_x0 = 0
+    for x_t in noises:
+        eps = pipe.unet(x_t, torch.full((len(captions),), t), encoder_hidden_states=hidden).sample
+        mean_x0 = mean_x0 + (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt() / len(noises)
+    decoded = pipe.vae.decode(mean_x0 / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+    return ((decoded + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+
+
+def latent_shape(pipe) -> tuple[int, int, int]:
+    return pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size
+
+
 def x0_order(pipe, scenes: list[Scene], timesteps: list[int], draws: int, batch_size: int) -> dict[str, float]:
     from latentdiff.data.shapes import COLOURS
 
-    unet, vae, scale = pipe.unet, pipe.vae, pipe.vae.config.scaling_factor
-    alpha_bar = pipe.scheduler.alphas_cumprod
-    latent = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     result = {}
     for t in timesteps:
         right = []
         for start in range(0, len(scenes), batch_size):
             batch = scenes[start: start + batch_size]
-            ids = pipe.tokenizer([s.captions()[0] for s in batch], padding="max_length", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            hidden = pipe.text_encoder(ids)[0]
             g = torch.Generator().manual_seed(1000 + start)
-            mean_x0 = 0
-            for _ in range(draws):
-                x_t = torch.randn((len(batch), *latent), generator=g)
-                eps = unet(x_t, torch.full((len(batch),), t), encoder_hidden_states=hidden).sample
-                mean_x0 = mean_x0 + (x_t - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt() / draws
-            decoded = ((vae.decode(mean_x0 / scale).sample.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
-            for scene, image in zip(batch, decoded):
+            noises = [torch.randn((len(batch), *latent_shape(pipe)), generator=g) for _ in range(draws)]
+            for scene, image in zip(batch, decoded_mean_x0(pipe, [s.captions()[0] for s in batch], t, noises)):
                 a, b = scene.objects
                 colour = {o.colour: np.array(COLOURS[o.colour], dtype=np.float32) for o in (a, b)}
+
                 def distance(box, c):
                     return float(np.linalg.norm(image[box[1]: box[3] + 1, box[0]: box[2] + 1] - colour[c], axis=-1).mean())
                 right.append(distance(a.box, a.colour) + distance(b.box, b.colour)

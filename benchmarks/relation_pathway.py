@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentdiff import LatentDiffusionPipeline  # noqa: E402
 from latentdiff.data.shapes import Scene, SceneObject, _box, position_of  # noqa: E402
+from relation_order import decoded_mean_x0, latent_shape  # noqa: E402  (beside this file)
 
 CAPTIONS = ("a red circle above a blue square", "a red circle below a blue square")
 
@@ -53,20 +54,14 @@ def write_data(out: Path, copies: int = 32) -> None:
 @torch.no_grad()
 def check(model: str, draws: int = 8) -> dict:
     pipe = LatentDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
-    ids = pipe.tokenizer(list(CAPTIONS), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    hidden, alpha_bar, report = pipe.text_encoder(ids)[0], pipe.scheduler.alphas_cumprod, {}
-    shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    report = {}
     for t in (999, 949, 899):
-        g, mean_x0 = torch.Generator().manual_seed(0), 0
-        for _ in range(draws):
-            x_t = torch.randn(shape, generator=g).repeat(2, 1, 1, 1)  # the same noise under both captions
-            eps = pipe.unet(x_t, torch.full((2,), t), encoder_hidden_states=hidden).sample
-            mean_x0 = mean_x0 + (x_t - (1 - alpha_bar[t]).sqrt() * eps) / alpha_bar[t].sqrt() / draws
-        images = (pipe.vae.decode(mean_x0 / pipe.vae.config.scaling_factor).sample.clamp(-1, 1) + 1) * 127.5
-        half = images.shape[-2] // 2
+        g = torch.Generator().manual_seed(0)  # the same noise under both captions
+        noises = [torch.randn((1, *latent_shape(pipe)), generator=g).repeat(2, 1, 1, 1) for _ in range(draws)]
+        images = decoded_mean_x0(pipe, list(CAPTIONS), t, noises)
+        half = images.shape[1] // 2
         for caption, image in zip(CAPTIONS, images):
-            top, bottom = (image[:, rows].mean((1, 2)).round().tolist() for rows in (slice(0, half), slice(half, None)))
+            top, bottom = (image[rows].mean((0, 1)).round().tolist() for rows in (slice(0, half), slice(half, None)))
             report[f"{t} {caption}"] = {"top_rgb": top, "bottom_rgb": bottom}
             print(f"t={t}  {caption:34s} top RGB {top}  bottom RGB {bottom}")
     return report

@@ -186,6 +186,17 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor
     return x0
 
 
+def check_snr_weighting(gamma: float | None, floor: float = 0.0, names: tuple[str, str] = ("snr_gamma", "snr_floor")):
+    """The rule for `min_snr_weight`'s γ and floor (γ > 0 when given, 0 ≤ floor ≤ γ), errors naming them as `names`
+    (the training scripts pass their flags' names)."""
+    gamma_name, floor_name = names
+    if gamma is not None and not gamma > 0:
+        raise ValueError(f"{gamma_name} must be positive, got {gamma:g}")
+    if not 0 <= floor <= (gamma if gamma is not None else float("inf")):
+        raise ValueError(f"{floor_name} must be in [0, {gamma_name}] (the x_0 weight it raises is capped at γ), "
+                         f"got {floor:g}")
+
+
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, prediction_type: str,
                    floor: float = 0.0) -> torch.Tensor:
     """Per-sample loss weight of Min-SNR-γ (Hang et al. 2023, eq. 9 and its v / x_0 forms).
@@ -201,10 +212,7 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float | None, prediction_type
     steps the x_0 weight that v-prediction's plain loss gives them (SNR + 1 ≈ 1), and leaves the rest as it was
     (the perception-prioritised view of Choi et al. 2022: weight the content-forming, low-SNR steps up).
     """
-    if gamma is not None and not gamma > 0:
-        raise ValueError(f"snr_gamma must be positive, got {gamma}")
-    if not 0 <= floor <= (gamma if gamma is not None else float("inf")):
-        raise ValueError(f"snr_floor must be in [0, snr_gamma] (the x_0 weight it raises is capped at γ), got {floor}")
+    check_snr_weighting(gamma, floor)
     check_prediction_type(prediction_type)
     s = snr(alpha_bar)
     clipped = s if gamma is None else torch.minimum(s, torch.full_like(s, gamma))

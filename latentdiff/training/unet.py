@@ -332,9 +332,7 @@ def check_args(args) -> None:
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise ValueError(f"--text-encoder-lr {args.text_encoder_lr:g} sets the learning rate of a text encoder that "
                          "trains: add --train-text-encoder")
-    if not 0 <= args.snr_floor <= (args.snr_gamma if args.snr_gamma is not None else float("inf")):
-        raise ValueError(f"--snr-floor must be in [0, --snr-gamma] (the x_0 weight it raises is capped at γ), got "
-                         f"{args.snr_floor:g}")
+    diffusion.check_snr_weighting(args.snr_gamma, args.snr_floor, ("--snr-gamma", "--snr-floor"))
     if not args.timestep_bias_multiplier > 0:
         raise ValueError(f"--timestep-bias-multiplier must be > 0, got {args.timestep_bias_multiplier:g}")
     if not 0 < args.timestep_bias_portion <= 1:
