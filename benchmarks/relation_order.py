@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentdiff import LatentDiffusionPipeline  # noqa: E402
+from latentdiff import LatentDiffusionPipeline, diffusion  # noqa: E402
 from latentdiff.data.shapes import RELATIONS, Scene, parse_pairs, sample_scene, scene_pairs  # noqa: E402
 from latentdiff.evaluation.metrics import layout, oracle_scores  # noqa: E402
 from latentdiff.pipelines.image_to_image import LatentDiffusionImg2ImgPipeline  # noqa: E402
@@ -50,11 +50,12 @@ def decoded_mean_x0(pipe, captions: list[str], t: int, noises: list[torch.Tensor
     """The model's x_0 prediction at timestep t from each x_t in `noises` (pure noise, (B, C, h, w) each), under
     the captions (guidance 1), averaged over the draws and decoded: (B, H, W, 3) in [0, 255]."""
     hidden = pipe.encode_prompt(captions, pipe.device, 1, False)[0]
-    alpha_bar = pipe.scheduler.alphas_cumprod[t]
+    alpha_bar = pipe.scheduler.alphas_cumprod[t].float()
     mean_x0 = 0
     for x_t in noises:
-        eps = pipe.unet(x_t, torch.full((len(captions),), t), encoder_hidden_states=hidden).sample
-        mean_x0 = mean_x0 + (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt() / len(noises)
+        output = pipe.unet(x_t, torch.full((len(captions),), t), encoder_hidden_states=hidden).sample
+        x0 = diffusion.split_model_output(output, x_t, alpha_bar, pipe.scheduler.config.prediction_type)[0]
+        mean_x0 = mean_x0 + x0 / len(noises)
     decoded = pipe.vae.decode(mean_x0 / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
     return ((decoded + 1) * 127.5).permute(0, 2, 3, 1).numpy()
 

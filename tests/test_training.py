@@ -279,6 +279,48 @@ def test_text_encoder_flags_are_checked(parts, shapes, tmp_path):
                             "--lora-rank", "4", "--train-text-encoder"])
 
 
+def test_zero_terminal_snr_rebuilds_the_training_schedule_and_needs_v_prediction(parts, shapes, tmp_path):
+    base = ["--data", str(shapes), "--model", str(parts[0]), "--preset", "tiny", "--output-dir", str(tmp_path)]
+    parse = unet_training.build_parser().parse_args
+    *_, scheduler = unet_training.load_parts(parse([*base, "--prediction-type", "v_prediction",
+                                                    "--rescale-betas-zero-snr"]), "cpu")
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
+    assert scheduler.alphas_cumprod[-1].item() == 0  # the betas themselves, not only the config, were rebuilt
+    *_, plain = unet_training.load_parts(parse(base), "cpu")
+    assert plain.alphas_cumprod[-1].item() > 0
+    with pytest.raises(ValueError, match="--rescale-betas-zero-snr makes .* use --prediction-type v_prediction"):
+        unet_training.check_args(parse([*base, "--prediction-type", "epsilon", "--rescale-betas-zero-snr"]))
+    with pytest.raises(ValueError, match="add --prediction-type v_prediction"):  # the model's own ε, unnamed
+        unet_training.load_parts(parse([*base, "--rescale-betas-zero-snr"]), "cpu")
+
+
+def test_add_text_embedding_starts_as_the_same_unet_and_then_learns_from_the_pooled_caption(parts, shapes, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    args = unet_training.build_parser().parse_args(["--data", str(shapes), "--model", str(parts[0]), "--preset", "tiny",
+                                                    "--output-dir", str(tmp_path), "--add-text-embedding"])
+    torch.manual_seed(0)
+    *_, unet, _ = unet_training.load_parts(args, "cpu")
+    torch.manual_seed(0)
+    *_, plain, _ = unet_training.load_parts(unet_training.build_parser().parse_args(
+        ["--data", str(shapes), "--model", str(parts[0]), "--preset", "tiny", "--output-dir", str(tmp_path)]), "cpu")
+    assert unet.config.addition_embed_type == "text" and plain.config.addition_embed_type is None
+    x, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 6, unet.config.cross_attention_dim)
+    assert torch.equal(unet(x, 500, encoder_hidden_states=hidden).sample,
+                       plain(x, 500, encoder_hidden_states=hidden).sample)
+    unet(x, 500, encoder_hidden_states=hidden).sample.pow(2).mean().backward()
+    assert unet.add_embedding.norm2.weight.grad.abs().sum() > 0  # zero at the start, but it trains
+    assert unet_training.with_text_embedding(unet) is unet  # once only
+    unet.save_pretrained(tmp_path / "unet")  # a plain diffusers U-Net: it loads anywhere diffusers does
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "unet").config.addition_embed_type == "text"
+    config = {k: v for k, v in plain.config.items() if not k.startswith("_")}
+    image_embedded = UNet2DConditionModel.from_config({**config, "addition_embed_type": "image",
+                                                       "encoder_hid_dim": plain.config.cross_attention_dim})
+    with pytest.raises(ValueError, match="--add-text-embedding: the U-Net already has an addition embedding of "
+                                         "type 'image'"):
+        unet_training.with_text_embedding(image_embedded)
+
+
 def test_cached_latents_give_the_same_loss(parts, shapes, tmp_path):
     model, _, _ = parts
     args = unet_training.build_parser().parse_args(["--data", str(shapes), "--model", str(model), "--preset", "tiny",

@@ -228,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-rank", type=int, default=0, help="fine-tune a LoRA of this rank instead (0: off)")
     parser.add_argument("--prediction-type", choices=diffusion.PREDICTION_TYPES, default=None,
                         help="default: the model's scheduler config")
+    parser.add_argument("--rescale-betas-zero-snr", action="store_true",
+                        help="rescale the noise schedule to zero terminal SNR (Lin et al. 2024): the last training "
+                             "step sees pure noise, as sampling does, so the layout must come from the caption; "
+                             "needs v_prediction (default: the model's scheduler config)")
+    parser.add_argument("--add-text-embedding", action="store_true",
+                        help="give the U-Net a pooled text embedding added to its timestep embedding (diffusers' "
+                             "addition_embed_type 'text': attention pooling over the text states, as in unCLIP and "
+                             "DeepFloyd IF), zero at the start so the model draws as before until it trains; every "
+                             "block then hears the whole caption, not only the cross-attention layers")
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="caption dropout to '' (default: 0.1)")
     parser.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
     parser.add_argument("--snr-floor", type=float, default=0.0,
@@ -282,9 +291,39 @@ def load_parts(args, device):
         if not args.preset:
             raise ValueError(f"--model {root} has no unet/: pass --preset to build one from scratch")
         unet, scheduler = build_unet(load_preset(args.preset)), build_scheduler(load_preset(args.preset))
-    if args.prediction_type:
-        scheduler.register_to_config(prediction_type=args.prediction_type)
+    if args.add_text_embedding:
+        unet = with_text_embedding(unet)
+    changes = {**({"prediction_type": args.prediction_type} if args.prediction_type else {}),
+               **({"rescale_betas_zero_snr": True} if args.rescale_betas_zero_snr else {})}
+    if changes:  # rebuilt, not only re-registered: the betas follow rescale_betas_zero_snr
+        # without the private keys: from_config would reset the keys _use_default_values lists
+        kept = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        scheduler = type(scheduler).from_config({**kept, **changes})
+    if scheduler.config.get("rescale_betas_zero_snr") and scheduler.config.prediction_type == "epsilon":
+        raise ValueError("--rescale-betas-zero-snr makes ᾱ_T = 0, where an ε-prediction says nothing about x_0: "
+                         "add --prediction-type v_prediction")
     return tokenizer, text_encoder.to(device), vae.to(device), clip, unet, scheduler
+
+
+def with_text_embedding(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """`unet` with diffusers' pooled-text embedding (addition_embed_type "text", 64-wide pooling heads) added to
+    its timestep embedding; its last LayerNorm starts at zero, so the new U-Net's output is the old one's exactly.
+    A U-Net that has one already is returned as it is."""
+    if unet.config.addition_embed_type == "text":
+        return unet
+    if unet.config.addition_embed_type is not None or unet.config.encoder_hid_dim_type is not None:
+        raise ValueError("--add-text-embedding: the U-Net already has an addition embedding of type "
+                         f"{unet.config.addition_embed_type!r} (encoder_hid_dim_type "
+                         f"{unet.config.encoder_hid_dim_type!r}); it takes one of type 'text' only in place of none")
+    heads = max(1, unet.config.cross_attention_dim // 64)
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    new = UNet2DConditionModel.from_config({**config, "addition_embed_type": "text", "addition_embed_type_num_heads": heads})
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("add_embedding.") for name in missing), (missing, unexpected)
+    with torch.no_grad():
+        new.add_embedding.norm2.weight.zero_()
+        new.add_embedding.norm2.bias.zero_()
+    return new
 
 
 def _parameters(modules) -> list[torch.nn.Parameter]:
@@ -326,9 +365,13 @@ def check_args(args) -> None:
         raise ValueError(f"--uncond-prob must be in [0, 1], got {args.uncond_prob}")
     if args.cache_latents and (args.random_crop or args.random_flip):
         raise ValueError("--cache-latents stores one encoding per image: drop --random-crop / --random-flip")
-    if args.lora_rank and (args.use_ema or args.prediction_type or args.train_text_encoder):
-        raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema, --prediction-type and "
-                         "--train-text-encoder do not apply to it")
+    if args.lora_rank and (args.use_ema or args.prediction_type or args.rescale_betas_zero_snr
+                           or args.train_text_encoder or args.add_text_embedding):
+        raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema, --prediction-type, "
+                         "--rescale-betas-zero-snr, --add-text-embedding and --train-text-encoder do not apply to it")
+    if args.rescale_betas_zero_snr and args.prediction_type == "epsilon":
+        raise ValueError("--rescale-betas-zero-snr makes ᾱ_T = 0, where an ε-prediction says nothing about x_0: "
+                         "use --prediction-type v_prediction")
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise ValueError(f"--text-encoder-lr {args.text_encoder_lr:g} sets the learning rate of a text encoder that "
                          "trains: add --train-text-encoder")
