@@ -239,6 +239,12 @@ def load_scheduler(folder: Path) -> SchedulerMixin:
     return cls.from_pretrained(folder)
 
 
+def with_config(cls, config, **changes):
+    """A new `cls` from a diffusers config with `changes` applied. The private keys go first: `from_config` would
+    put back the defaults of every key that `_use_default_values` lists, the changed ones among them."""
+    return cls.from_config({**{k: v for k, v in config.items() if not k.startswith("_")}, **changes})
+
+
 def vae_scale_factor(vae_config) -> int:
     """How much the VAE shrinks each side: one factor 2 per down block after the first (a dict or a config)."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)

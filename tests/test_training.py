@@ -313,9 +313,10 @@ def test_add_text_embedding_starts_as_the_same_unet_and_then_learns_from_the_poo
     assert unet_training.with_text_embedding(unet) is unet  # once only
     unet.save_pretrained(tmp_path / "unet")  # a plain diffusers U-Net: it loads anywhere diffusers does
     assert UNet2DConditionModel.from_pretrained(tmp_path / "unet").config.addition_embed_type == "text"
-    config = {k: v for k, v in plain.config.items() if not k.startswith("_")}
-    image_embedded = UNet2DConditionModel.from_config({**config, "addition_embed_type": "image",
-                                                       "encoder_hid_dim": plain.config.cross_attention_dim})
+    from latentdiff.model_folder import with_config
+
+    image_embedded = with_config(UNet2DConditionModel, plain.config, addition_embed_type="image",
+                                 encoder_hid_dim=plain.config.cross_attention_dim)
     with pytest.raises(ValueError, match="--add-text-embedding: the U-Net already has an addition embedding of "
                                          "type 'image'"):
         unet_training.with_text_embedding(image_embedded)

@@ -38,7 +38,7 @@ from ..data.loader import item_generator, readable_batches
 from ..images import image_grid
 from ..model_folder import check_weights, load_scheduler
 from ..files import write_atomically
-from ..model_folder import vae_scale_factor
+from ..model_folder import vae_scale_factor, with_config
 from ..models import build_scheduler, build_unet, load_preset
 from ..pipelines.text_to_image import LatentDiffusionPipeline
 from ..schedulers import DDIMScheduler, DDPMScheduler
@@ -296,12 +296,9 @@ def load_parts(args, device):
     changes = {**({"prediction_type": args.prediction_type} if args.prediction_type else {}),
                **({"rescale_betas_zero_snr": True} if args.rescale_betas_zero_snr else {})}
     if changes:  # rebuilt, not only re-registered: the betas follow rescale_betas_zero_snr
-        # without the private keys: from_config would reset the keys _use_default_values lists
-        kept = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-        scheduler = type(scheduler).from_config({**kept, **changes})
-    if scheduler.config.get("rescale_betas_zero_snr") and scheduler.config.prediction_type == "epsilon":
-        raise ValueError("--rescale-betas-zero-snr makes ᾱ_T = 0, where an ε-prediction says nothing about x_0: "
-                         "add --prediction-type v_prediction")
+        scheduler = with_config(type(scheduler), scheduler.config, **changes)
+    if scheduler.config.get("rescale_betas_zero_snr"):  # the model's own ε, where --prediction-type was left out
+        _check_zero_snr(scheduler.config.prediction_type, "add")
     return tokenizer, text_encoder.to(device), vae.to(device), clip, unet, scheduler
 
 
@@ -316,8 +313,8 @@ def with_text_embedding(unet: UNet2DConditionModel) -> UNet2DConditionModel:
                          f"{unet.config.addition_embed_type!r} (encoder_hid_dim_type "
                          f"{unet.config.encoder_hid_dim_type!r}); it takes one of type 'text' only in place of none")
     heads = max(1, unet.config.cross_attention_dim // 64)
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    new = UNet2DConditionModel.from_config({**config, "addition_embed_type": "text", "addition_embed_type_num_heads": heads})
+    new = with_config(UNet2DConditionModel, unet.config, addition_embed_type="text",
+                      addition_embed_type_num_heads=heads)
     missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("add_embedding.") for name in missing), (missing, unexpected)
     with torch.no_grad():
@@ -358,6 +355,13 @@ def validate(args, step: int, unet, vae, text_encoder, tokenizer, scheduler, acc
     return path
 
 
+def _check_zero_snr(prediction_type: str | None, fix: str) -> None:
+    """--rescale-betas-zero-snr's rule, checked on the flags (`fix` "use") and on the model's scheduler ("add")."""
+    if prediction_type == "epsilon":
+        raise ValueError("--rescale-betas-zero-snr makes ᾱ_T = 0, where an ε-prediction says nothing about x_0: "
+                         f"{fix} --prediction-type v_prediction")
+
+
 def check_args(args) -> None:
     """The flags' own rules, checked before anything loads (recipes check them before any stage runs)."""
     trainer.check_args(args)
@@ -369,9 +373,8 @@ def check_args(args) -> None:
                            or args.train_text_encoder or args.add_text_embedding):
         raise ValueError("--lora-rank trains an adapter for the model as it is: --use-ema, --prediction-type, "
                          "--rescale-betas-zero-snr, --add-text-embedding and --train-text-encoder do not apply to it")
-    if args.rescale_betas_zero_snr and args.prediction_type == "epsilon":
-        raise ValueError("--rescale-betas-zero-snr makes ᾱ_T = 0, where an ε-prediction says nothing about x_0: "
-                         "use --prediction-type v_prediction")
+    if args.rescale_betas_zero_snr:
+        _check_zero_snr(args.prediction_type, "use")
     if args.text_encoder_lr is not None and not args.train_text_encoder:
         raise ValueError(f"--text-encoder-lr {args.text_encoder_lr:g} sets the learning rate of a text encoder that "
                          "trains: add --train-text-encoder")
