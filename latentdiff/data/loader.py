@@ -165,6 +165,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "caption": self.caption(index), "index": index}
 
 
+def caption_groups(dataset) -> list[list[str]]:
+    """Each row's captions as a list (a row with one caption gives a list of one)."""
+    return [[c] if isinstance(c, str) else list(c) for c in dataset.captions]
+
+
 def pick_caption(caption: str | list[str], generator: torch.Generator) -> str:
     """A row's caption: itself, or one of its list drawn with the row's generator (`item_generator`)."""
     if isinstance(caption, str):

@@ -15,6 +15,7 @@ import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -349,6 +350,12 @@ def read_split(data_dir) -> dict | None:
 
     path = Path(data_dir) / SPLIT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def held_out_pairs(data_dir) -> set[Pair]:
+    """The (colour, shape) pairs a shapes data set's split record holds out (none for other data)."""
+    split = read_split(data_dir) if Path(data_dir).is_dir() else None
+    return {tuple(p.split()) for p in split["holdout"]} if split else set()
 
 
 def all_first_captions() -> list[str]:

@@ -225,10 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": args.weight_decay},
                                    {"params": kept, "weight_decay": 0.0}], lr=args.learning_rate)
     from ..data.loader import item_generator
-    from ..data.shapes import read_split
+    from ..data.shapes import held_out_pairs
 
-    split = read_split(args.data) if Path(args.data).is_dir() else None
-    held_out = {tuple(p.split()) for p in split["holdout"]} if split else set()
+    held_out = held_out_pairs(args.data)
     negatives_seed = args.seed + 1
     from ..data.shards import ShardStream
 

@@ -1,7 +1,7 @@
 """The text encoder alone, taught to state the scene a caption describes rather than the words it uses in the states
 the U-Net reads. A causal CLIP text tower trained contrastively against images keeps "a red circle above a blue
 square" nearer "a red circle below a blue square" (one word apart) than "a blue square below a red circle" (the same
-scene): in the shipped shapes model that holds for 299 of 300 relation captions, and the U-Net, which reads these
+scene): in the shipped shapes model that holds for 298 of 300 relation captions, and the U-Net, which reads these
 states, then draws the two objects either way round. This stage adds a text-to-text contrastive loss (InfoNCE, as in
 supervised SimCSE, Gao et al. 2021): each caption's summary state must be nearest another caption of the same image,
 against the batch's other captions and its own hard negatives (binding swapped, relation turned round:
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import argparsing
+from ..data.loader import caption_groups, item_generator
 from ..model_folder import check_weights, write_component
 from . import trainer
 from .clip import draw_hard_negatives, tokenize
@@ -104,10 +105,26 @@ def paraphrase_accuracy(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, c
     return report
 
 
-def caption_lists(dataset, rows=None) -> list[list[str]]:
-    """Each row's captions as a list (a row with one caption gives a list of one)."""
-    rows = range(len(dataset.captions)) if rows is None else rows
-    return [[c] if isinstance(c, str) else list(c) for c in (dataset.captions[i] for i in rows)]
+class Captions(torch.utils.data.Dataset):
+    """The rows of an image-caption data set without their images: {"caption", "index"}, each caption drawn as the
+    image loader draws it (per seed, epoch and row). The images are never read."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.rows.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"caption": self.rows.caption(index), "index": index}
+
+
+def collate_captions(items: list[dict]) -> dict:
+    return {"captions": [item["caption"] for item in items],
+            "indices": torch.tensor([item["index"] for item in items], dtype=torch.long), "skipped": 0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,28 +176,26 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder", use_safetensors=True, dtype=torch.float32)
     reference = copy.deepcopy(text_encoder).requires_grad_(False).eval()
-    train_set, holdout = trainer.split_dataset(args, args.resolution or 32)  # the images are read, not used
-    if not hasattr(train_set, "captions"):
+    train_set, holdout = trainer.split_dataset(args, args.resolution or 32)  # only their captions are read
+    if not hasattr(train_set, "caption"):
         raise ValueError(f"--data {args.data}: this stage needs every row's captions at hand (an imagefolder or "
                          "save_to_disk folder), not a stream of shards")
-    lists = caption_lists(train_set)
+    lists = caption_groups(train_set)
     if not any(len(c) >= 2 for c in lists):
         raise ValueError(f"--data {args.data}: no row has two captions, so no caption has a paraphrase to be "
                          "drawn to; this stage needs data with several captions per image (`latentdiff data shapes`)")
-    from ..data.loader import item_generator
-    from ..data.shapes import Scene, read_split
+    from ..data.shapes import Scene, held_out_pairs
     from ..evaluation.metrics import unseen_prompts
 
-    split = read_split(args.data) if Path(args.data).is_dir() else None
-    held_out = {tuple(p.split()) for p in split["holdout"]} if split else set()
-    tests = {"holdout": caption_lists(holdout) if holdout is not None else [],
+    held_out = held_out_pairs(args.data)
+    tests = {"holdout": caption_groups(holdout) if holdout is not None else [],
              "unseen": [Scene.from_dict(p.scene).captions() for p in unseen_prompts(args.data)]}
     before = {name: paraphrase_accuracy(reference, tokenizer, lists_) for name, lists_ in tests.items() if lists_}
 
     optimizer = torch.optim.AdamW(text_encoder.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     text_encoder, optimizer, lr_scheduler, loader = trainer.prepare(
         accelerator, text_encoder, optimizer, trainer.make_lr_scheduler(optimizer, args),
-        loader=trainer.make_loader(train_set, args))
+        loader=trainer.make_loader(Captions(train_set), args, collate_fn=collate_captions))
     reference.to(accelerator.device)
     positive_seed, negative_seed = args.seed + 1, args.seed + 2
 

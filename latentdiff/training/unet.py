@@ -34,7 +34,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from .. import argparsing, diffusion
 from . import trainer
 from .clip import tokenize
-from ..data.loader import item_generator, readable_batches
+from ..data.loader import caption_groups, item_generator, readable_batches
 from ..images import image_grid
 from ..model_folder import check_weights, load_scheduler
 from ..files import write_atomically
@@ -84,13 +84,9 @@ def cache_path(cache_dir: Path, vae, text_encoder, tokenizer, dataset, resolutio
     return cache_dir / f"latents-{digest.hexdigest()[:24]}.safetensors"
 
 
-def _caption_groups(dataset) -> list[list[str]]:
-    return [[c] if isinstance(c, str) else list(c) for c in dataset.captions]
-
-
 def cache_texts(dataset) -> list[str]:
     """The distinct captions of `dataset`, "" first, in the order a cache numbers them (its `caption_ids`)."""
-    return list(dict.fromkeys([""] + [t for group in _caption_groups(dataset) for t in group]))
+    return list(dict.fromkeys([""] + [t for group in caption_groups(dataset) for t in group]))
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def build_cache(path: Path, dataset, vae, text_encoder, tokenizer, device, batch
     `text_encoder` None the captions are only numbered (cache_texts), for a text encoder that trains."""
     from safetensors.torch import save_file
 
-    captions = _caption_groups(dataset)
+    captions = caption_groups(dataset)
     texts = cache_texts(dataset)
     text_id = {t: i for i, t in enumerate(texts)}
     means, stds, keep = [], [], []
