@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub("run-recipe", help="run (or finish) a training recipe from pipelines/")
     recipe.add_argument("recipe", help="a recipe TOML file, e.g. pipelines/emoji64.toml")
     recipe.add_argument("--out", required=True, help="run folder (data, model, checkpoints, stage records)")
-    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,vae,unet,decoder,distill,eval (default: every stage of the "
+    recipe.add_argument("--stages", default=None, help="comma-separated subset of data,clip,text,vae,unet,decoder,distill,eval (default: every stage of the "
                         "recipe)")
     recipe.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
                         help="end each training stage of this sitting at its first step after MINUTES, with a "

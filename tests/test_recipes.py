@@ -258,3 +258,43 @@ args = ["--max-steps", "50", "--learning-rate", "1e-12", "--batch-size", "8", "-
     with pytest.raises(SystemExit):
         main(["run-recipe", str(third), "--out", str(tmp_path / "third"), "--time-limit", "0"])
     assert "argument --time-limit: must be a number > 0, got '0'" in capsys.readouterr().err
+
+
+def test_a_text_stage_trains_the_clip_stages_encoder_in_place_and_anchors_every_sitting_to_it(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """[text] runs train_text_encoder on the model folder after CLIP: it replaces the text encoder there, records the
+    paraphrase test, and a sitting after a --time-limit anchors to the encoder the first sitting started from, not
+    to the one the last sitting wrote."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    recipe = tmp_path / "text.toml"
+    recipe.write_text(TINY.split("[vae]")[0].replace('"--n", "40"', '"--n", "60", "--holdout-fraction", "0.2"') + '''
+[text]
+args = ["--max-steps", "3", "--batch-size", "8", "--holdout", "8", "--report-to", "none", "--learning-rate", "1e-2",
+        "--lr-warmup-steps", "0"]
+gates = [{ metric = "paraphrase.after.holdout.opposite", min = 0 }]
+''')
+    run = tmp_path / "run"
+    assert main(["run-recipe", str(recipe), "--out", str(run), "--stages", "data,clip"]) == 0
+    weights = "model.safetensors"
+    clip_states = load_file(run / "model" / "text_encoder" / weights)
+    capsys.readouterr()
+    assert main(["run-recipe", str(recipe), "--out", str(run), "--time-limit", "0.00001"]) == 0
+    assert "[text] stopped at its --time-limit after 1 steps" in capsys.readouterr().out
+    first = load_file(run / "model" / "text_encoder" / weights)
+    assert any(not torch.equal(first[k], clip_states[k]) for k in clip_states), "the text stage wrote its encoder"
+    assert main(["run-recipe", str(recipe), "--out", str(run)]) == 0
+    kept = load_file(run / "runs" / "text" / "reference_text_encoder" / weights)
+    assert all(torch.equal(kept[k], clip_states[k]) for k in clip_states), "the anchor is the CLIP stage's encoder"
+    record = json.loads((run / "stages" / "text.json").read_text())
+    assert record["summary"]["steps"] == 3 and [(s["from_step"], s["to_step"])
+                                                for s in record["summary"]["sittings"]] == [(0, 1), (1, 3)]
+    assert set(record["summary"]["paraphrase"]["after"]) == {"holdout", "unseen"} and record["gates"][0]["passed"]
+    provenance = json.loads((run / "model" / "recipe.json").read_text())
+    assert list(provenance["stages"]) == ["data", "clip", "text"]
+    with pytest.raises(ValueError, match=r"\[text\] args may not set --model"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(recipe.read_text().replace('"--learning-rate", "1e-2"', '"--model", "x", "--learning-rate", "1e-2"'))
+        load_recipe(bad)

@@ -1,5 +1,6 @@
-"""Recipes: one TOML file per data set that chains data → CLIP → VAE → U-Net (→ decoder) with the settings that
-made a model. The optional decoder stage fine-tunes the VAE's decoder with its encoder frozen (`train_vae
+"""Recipes: one TOML file per data set that chains data → CLIP (→ text) → VAE → U-Net (→ decoder) with the
+settings that made a model. The optional text stage trains the text encoder alone to state the scene a caption
+describes (`train_text_encoder.py`), on the CLIP stage's encoder, before the U-Net learns to read it. The optional decoder stage fine-tunes the VAE's decoder with its encoder frozen (`train_vae
 --finetune-decoder`): the U-Net's latents stay valid, so it can run after the U-Net, or beside it.
 
     latentdiff run-recipe pipelines/emoji64.toml --out runs/emoji64
@@ -30,7 +31,7 @@ from pathlib import Path
 from ..files import write_atomically
 from .trainer import hardware
 
-STAGES = ("data", "clip", "vae", "unet", "decoder", "distill", "eval")
+STAGES = ("data", "clip", "text", "vae", "unet", "decoder", "distill", "eval")
 
 
 # Keys a section may hold, and the flags run-recipe itself gives each stage: its inputs and outputs, which a recipe
@@ -45,10 +46,11 @@ for _stage in STAGE_PARTS:
 # `init = "MODEL"` on the U-Net stage: train on from another recipe's U-Net (its unet/ and scheduler/ start the
 # stage; its record is kept in this one's as `initialized_from`) instead of from --preset's random weights.
 STAGE_KEYS["unet"] = STAGE_KEYS["unet"] | {"init"}
-TRAINING_STAGES = ("clip", "vae", "decoder", "unet", "distill")
+TRAINING_STAGES = ("clip", "text", "vae", "decoder", "unet", "distill")
 RESERVED_FLAGS = {
     "data": ("--out", "--overwrite"),
     "clip": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
+    "text": ("--data", "--output-dir", "--model-dir", "--model", "--resume-from-checkpoint"),
     "vae": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint"),
     "decoder": ("--data", "--output-dir", "--model-dir", "--resume-from-checkpoint", "--finetune-decoder"),
     "unet": ("--data", "--output-dir", "--model-dir", "--model", "--resume-from-checkpoint", "--cache-dir"),
@@ -238,13 +240,13 @@ def _check_stage_args(path: Path, stage: str, recipe: dict) -> None:
 
         parser, argv = build_parser(), ["--prompts", "DATA", "--out", "OUT", *args]
     else:
-        from . import clip as clip_training, lcm, unet as unet_training, vae as vae_training
+        from . import clip as clip_training, lcm, text_encoder, unet as unet_training, vae as vae_training
 
-        module = {"clip": clip_training, "vae": vae_training, "decoder": vae_training, "unet": unet_training,
-                  "distill": lcm}[stage]
+        module = {"clip": clip_training, "text": text_encoder, "vae": vae_training, "decoder": vae_training,
+                  "unet": unet_training, "distill": lcm}[stage]
         parser = module.build_parser()
-        argv = ["--data", "DATA", "--output-dir", "OUT", *(["--model", "MODEL"] if stage in ("unet", "distill") else []),
-                *args]
+        argv = ["--data", "DATA", "--output-dir", "OUT",
+                *(["--model", "MODEL"] if stage in ("text", "unet", "distill") else []), *args]
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
@@ -329,7 +331,7 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
                time_limit: float | None = None) -> dict:
     """Run (or finish) every stage of a recipe; returns {stage: record}. `time_limit` (minutes) ends each training
     stage of this sitting as its --time-limit would (it overrides the recipe's)."""
-    from . import clip as clip_training, lcm, unet as unet_training, vae as vae_training
+    from . import clip as clip_training, lcm, text_encoder, unet as unet_training, vae as vae_training
     from ..evaluation import job as eval_job
 
     recipe, out = load_recipe(path), Path(out)
@@ -372,6 +374,9 @@ def run_recipe(path: str | Path, out: str | Path, stages: list[str] | None = Non
                 summary = _data_stage(recipe, out)
             elif stage == "clip":
                 summary = clip_training.main([*common, "--model-dir", str(out / "model"), *args])
+            elif stage == "text":  # the model folder's text encoder, replaced in place
+                summary = text_encoder.main([*common, "--model", str(out / "model"), "--model-dir", str(out / "model"),
+                                             *args])
             elif stage == "vae":
                 summary = vae_training.main([*common, "--model-dir", str(out / "model"), *args])
             elif stage == "decoder":

@@ -175,7 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator, model_dir = trainer.start(args, "train_text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder", use_safetensors=True, dtype=torch.float32)
-    reference = copy.deepcopy(text_encoder).requires_grad_(False).eval()
+    # The anchor's encoder is the one the first sitting started from, kept in the run folder: a later sitting's
+    # --model may already hold this stage's output (run-recipe replaces the model folder's encoder in place).
+    kept = Path(args.output_dir) / "reference_text_encoder"
+    if (kept / "config.json").is_file():
+        reference = CLIPTextModel.from_pretrained(kept, use_safetensors=True, dtype=torch.float32)
+    else:
+        reference = copy.deepcopy(text_encoder)
+        if accelerator.is_main_process:
+            write_component(kept, lambda f: reference.save_pretrained(f, max_shard_size="15MB"))
+    reference.requires_grad_(False).eval()
     train_set, holdout = trainer.split_dataset(args, args.resolution or 32)  # only their captions are read
     if not hasattr(train_set, "caption"):
         raise ValueError(f"--data {args.data}: this stage needs every row's captions at hand (an imagefolder or "
