@@ -283,6 +283,7 @@ gates = [{ metric = "paraphrase.after.holdout.opposite", min = 0 }]
     capsys.readouterr()
     assert main(["run-recipe", str(recipe), "--out", str(run), "--time-limit", "0.00001"]) == 0
     assert "[text] stopped at its --time-limit after 1 steps" in capsys.readouterr().out
+    started = json.loads((run / "stages" / "text.partial.json").read_text())["summary"]["paraphrase"]["before"]
     first = load_file(run / "model" / "text_encoder" / weights)
     assert any(not torch.equal(first[k], clip_states[k]) for k in clip_states), "the text stage wrote its encoder"
     assert main(["run-recipe", str(recipe), "--out", str(run)]) == 0
@@ -292,9 +293,11 @@ gates = [{ metric = "paraphrase.after.holdout.opposite", min = 0 }]
     assert record["summary"]["steps"] == 3 and [(s["from_step"], s["to_step"])
                                                 for s in record["summary"]["sittings"]] == [(0, 1), (1, 3)]
     assert set(record["summary"]["paraphrase"]["after"]) == {"holdout", "unseen"} and record["gates"][0]["passed"]
+    # the second sitting's encoder before training is the first one's start, not what the first one wrote
+    assert record["summary"]["paraphrase"]["before"] == started
     provenance = json.loads((run / "model" / "recipe.json").read_text())
     assert list(provenance["stages"]) == ["data", "clip", "text"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(recipe.read_text().replace('"--learning-rate"', '"--model", "x", "--learning-rate"'))
     with pytest.raises(ValueError, match=r"\[text\] args may not set --model"):
-        bad = tmp_path / "bad.toml"
-        bad.write_text(recipe.read_text().replace('"--learning-rate", "1e-2"', '"--model", "x", "--learning-rate", "1e-2"'))
         load_recipe(bad)

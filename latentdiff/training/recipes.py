@@ -1,7 +1,8 @@
 """Recipes: one TOML file per data set that chains data → CLIP (→ text) → VAE → U-Net (→ decoder) with the
 settings that made a model. The optional text stage trains the text encoder alone to state the scene a caption
-describes (`train_text_encoder.py`), on the CLIP stage's encoder, before the U-Net learns to read it. The optional decoder stage fine-tunes the VAE's decoder with its encoder frozen (`train_vae
---finetune-decoder`): the U-Net's latents stay valid, so it can run after the U-Net, or beside it.
+describes (`train_text_encoder.py`), on the CLIP stage's encoder, before the U-Net learns to read it. The optional
+decoder stage fine-tunes the VAE's decoder with its encoder frozen (`train_vae --finetune-decoder`): the U-Net's
+latents stay valid, so it can run after the U-Net, or beside it.
 
     latentdiff run-recipe pipelines/emoji64.toml --out runs/emoji64
 
